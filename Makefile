@@ -1,0 +1,45 @@
+# Two entry points, each idempotent on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU build of torch for the test extras (the reward, tag and TRL tests); a GPU user installs
+# their own torch first and `make` leaves it alone.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint bench venv-core venv-dev clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.core: $(VENV)/bin/activate pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.core
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+venv-core: $(VENV)/.core
+venv-dev: $(VENV)/.dev
+
+## demo: synthesize a small dataset on the bundled SmolLM2 model (CPU, a few minutes)
+demo: $(VENV)/.core
+	$(VENV)/bin/magpie instructions --num 20 --out data/demo/instructions
+
+## test: the fast test tier (add ARGS="-m slow" for the slow tier)
+test: $(VENV)/.dev
+	$(VENV)/bin/ruff check magpie tests bench
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check magpie tests bench
+	$(VENV)/bin/ruff format --check magpie tests bench
+
+bench: $(VENV)/.core
+	$(PY) bench/instructions.py
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

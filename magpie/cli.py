@@ -1,0 +1,331 @@
+"""The `magpie` command line: parses flags into config objects and hands them to the runner."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from magpie import __version__
+from magpie.config import (
+    InstructionsConfig,
+    TemplateSpec,
+    config_hash,
+    describe_validation_error,
+)
+from magpie.engines.base import ModelInfo, create_engine, engine_names
+from magpie.errors import MagpieError
+from magpie.runner import LiveProgress, RunSummary, run_source
+from magpie.stages.instructions import InstructionStage
+from magpie.store import ShardStore
+from magpie.templates import ChatFormat, chat_format_for, cross_check
+
+app = typer.Typer(
+    name="magpie",
+    help="Synthesize SFT and DPO alignment data from aligned chat models (the Magpie method).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+FLAGS = {
+    "num": "--num",
+    "turns": "--turns",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "max_tokens": "--max-tokens",
+    "min_chars": "--min-chars",
+    "response_temperature": "--response-temperature",
+    "response_max_tokens": "--response-max-tokens",
+    "max_attempts": "--max-attempts",
+    "seed": "--seed",
+    "shard_size": "--shard-size",
+    "engine.name": "--engine",
+    "engine.model": "--model",
+    "template.chat_template": "--chat-template",
+    "template.system_prompt": "--system-prompt",
+    "template.pre_query_template": "--pre-query-template",
+}
+
+
+def friendly_errors(func: F) -> F:
+    """Turn user-fixable errors into one line on stderr and exit code 2, with no traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ValidationError as exc:
+            err_console.print(f"[red]error:[/] {describe_validation_error(exc, FLAGS)}")
+            raise typer.Exit(2) from None
+        except MagpieError as exc:
+            err_console.print(f"[red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print(
+                "interrupted: committed shards are kept; rerun the same command to resume"
+            )
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"magpie-synth {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """magpie-synth."""
+
+
+EngineOpt = Annotated[
+    str, typer.Option("--engine", "-e", help=f"Engine: {', '.join(engine_names())}.")
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="Model path (.gguf for llamacpp). Default: bundled SmolLM2."
+    ),
+]
+SystemOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--system-prompt",
+        help="System turn: text, a task preset (math, code, translation, reasoning, creative), "
+        "or 'none' to strip the template's default. Default: what the template renders.",
+    ),
+]
+PreQueryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pre-query-template",
+        help="Override the derived template: a family name (llama-3, qwen2.5, gemma-2, phi-3, "
+        "mistral, vicuna, chatml, ...) or a literal string.",
+    ),
+]
+ChatTemplateOpt = Annotated[
+    Path | None,
+    typer.Option("--chat-template", help="Jinja chat template file to derive from."),
+]
+
+
+def _model_info(engine_name: str, model: str | None) -> ModelInfo:
+    """Tokenizer facts of a model without loading its weights where possible."""
+    if model is not None and Path(model).is_dir():
+        from magpie.engines.hf import hf_model_info
+
+        return hf_model_info(model)
+    if engine_name == "llamacpp":
+        engine = create_engine("llamacpp", model=model, vocab_only=True)
+        try:
+            return engine.info
+        finally:
+            engine.close()
+    raise MagpieError(
+        f"cannot read a chat template for engine {engine_name}: pass --chat-template FILE.jinja "
+        "or --pre-query-template"
+    )
+
+
+def resolve_format(info: ModelInfo, spec: TemplateSpec) -> ChatFormat:
+    chat_template = info.chat_template
+    if spec.chat_template is not None:
+        chat_template = Path(spec.chat_template).read_text()
+    return chat_format_for(
+        chat_template,
+        bos_token=info.bos_token,
+        eos_token=info.eos_token,
+        pre_query_template=spec.pre_query_template,
+        system_prompt=spec.system_prompt,
+    )
+
+
+@app.command()
+@friendly_errors
+def template(
+    engine: EngineOpt = "llamacpp",
+    model: ModelOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    system_prompt: SystemOpt = None,
+    pre_query_template: PreQueryOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show the pre-query template, multi-turn append template and stops derived for a model."""
+    config = InstructionsConfig.model_validate(
+        {
+            "engine": {"name": engine, "model": model},
+            "template": {
+                "chat_template": str(chat_template) if chat_template else None,
+                "system_prompt": system_prompt,
+                "pre_query_template": pre_query_template,
+            },
+        }
+    )
+    spec = config.template
+    if chat_template is not None:
+        info = ModelInfo(model_id=str(chat_template))
+    else:
+        info = _model_info(engine, model)
+    fmt = resolve_format(info, spec)
+    note = cross_check(fmt)
+    if as_json:
+        out_console.print_json(json.dumps({**fmt.to_dict(), "model": info.model_id, "note": note}))
+        return
+    table = Table(title=f"Magpie chat format of {info.model_id}", show_lines=True)
+    table.add_column("part")
+    table.add_column("value")
+    for key, value in fmt.to_dict().items():
+        table.add_row(key, repr(value) if isinstance(value, str) else str(value))
+    out_console.print(table)
+    if note:
+        out_console.print(f"[yellow]note:[/] {note}")
+
+
+@app.command()
+@friendly_errors
+def instructions(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")] = Path(
+        "data/instructions"
+    ),
+    num: Annotated[int, typer.Option(help="Accepted instructions to produce.")] = 200,
+    engine: EngineOpt = "llamacpp",
+    model: ModelOpt = None,
+    turns: Annotated[int, typer.Option(help="User turns per conversation (multi-turn).")] = 1,
+    system_prompt: SystemOpt = None,
+    pre_query_template: PreQueryOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Max new tokens of an instruction.")] = 256,
+    response_temperature: Annotated[
+        float, typer.Option(help="Temperature of the replies between turns (multi-turn).")
+    ] = 0.0,
+    response_max_tokens: Annotated[
+        int, typer.Option(help="Max new tokens of a reply between turns (multi-turn).")
+    ] = 1024,
+    min_chars: Annotated[int, typer.Option(help="Reject shorter instructions.")] = 8,
+    max_attempts: Annotated[
+        int | None, typer.Option(help="Generation budget (default 4 x num + 16).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Run seed; row seeds derive from it.")] = 0,
+    shard_size: Annotated[int, typer.Option(help="Attempts per committed shard.")] = 64,
+    n_threads: Annotated[int | None, typer.Option(help="CPU threads (llamacpp).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Synthesize instructions: the model writes user queries from its pre-query template.
+
+    Rerun the same command after an interruption to resume where it stopped.
+    """
+    options = {"n_threads": n_threads} if n_threads else {}
+    config = InstructionsConfig.model_validate(
+        {
+            "engine": {"name": engine, "model": model, "options": options},
+            "template": {
+                "chat_template": str(chat_template) if chat_template else None,
+                "system_prompt": system_prompt,
+                "pre_query_template": pre_query_template,
+            },
+            "num": num,
+            "turns": turns,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+            "response_temperature": response_temperature,
+            "response_max_tokens": response_max_tokens,
+            "min_chars": min_chars,
+            "max_attempts": max_attempts,
+            "seed": seed,
+            "shard_size": shard_size,
+        }
+    )
+    store = ShardStore(out)
+    store.check_writable()
+    started = time.monotonic()
+    llm = create_engine(config.engine.name, model=config.engine.model, **config.engine.options)
+    try:
+        fmt = resolve_format(llm.info, config.template)
+        if config.turns > 1:
+            fmt.require_assistant_prefix()
+        resolved = {
+            "magpie_version": __version__,
+            "command": "instructions",
+            "config": config.model_dump(mode="json"),
+            "model_id": llm.info.model_id,
+            "chat_format": fmt.to_dict(),
+        }
+        digest = config_hash(config) + ":" + _short_hash(fmt.to_dict())
+        store.open_for_write("instructions", resolved, digest, overwrite=overwrite)
+        stage = InstructionStage(llm, fmt, config, llm.info.model_id)
+        progress = LiveProgress(config.num, "instructions", err_console, enabled=not quiet)
+        with progress.shown():
+            summary = run_source(
+                stage, store, config.num, config.shard_size, config.attempt_budget(), progress
+            )
+    finally:
+        llm.close()
+    summary.seconds = time.monotonic() - started
+    print_summary(summary, fmt)
+    if not summary.complete:
+        err_console.print(
+            f"[yellow]warning:[/] only {summary.rows} of {config.num} rows after "
+            f"{summary.attempts} attempts: raise --max-attempts, or loosen --min-chars"
+        )
+        raise typer.Exit(1)
+
+
+def _short_hash(data: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def print_summary(summary: RunSummary, fmt: ChatFormat | None = None) -> None:
+    """The one-screen summary at the end of a run."""
+    table = Table(title=f"{summary.stage} → {summary.out}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("rows", f"{summary.rows} ({summary.new_rows} new, {summary.shards} shards)")
+    if summary.resumed_shards:
+        table.add_row("resumed", f"{summary.resumed_shards} shards were already committed")
+    table.add_row("attempts", str(summary.attempts))
+    rejected = sum(summary.rejections.values())
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(summary.rejections.items()))
+    table.add_row("rejected", f"{rejected}" + (f" ({detail})" if detail else ""))
+    table.add_row("tokens generated", str(summary.tokens))
+    seconds = max(summary.seconds, 1e-9)
+    table.add_row(
+        "speed (this run)",
+        f"{summary.new_rows / seconds:.2f} rows/s, {summary.new_tokens / seconds:.0f} tokens/s, "
+        f"{summary.seconds:.1f} s",
+    )
+    if fmt is not None:
+        table.add_row("pre-query template", repr(fmt.pre_query))
+    out_console.print(table)
+
+
+def run() -> None:  # pragma: no cover - console entry alias
+    app(prog_name="magpie")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,112 @@
+"""Configuration models of every stage, YAML loading, and errors that name the field and the fix."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from magpie.errors import MagpieError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineSpec(_Strict):
+    """Which engine runs which model."""
+
+    name: str = "llamacpp"
+    model: str | None = Field(None, description="model path or id; None = the bundled SmolLM2")
+    options: dict[str, Any] = Field(default_factory=dict, description="engine-specific settings")
+
+    @field_validator("name")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        from magpie.engines.base import engine_names
+
+        if value not in engine_names():
+            raise ValueError(f"unknown engine {value!r}; choose one of {', '.join(engine_names())}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _readable_model(cls, value: str | None) -> str | None:
+        if value is not None and value.endswith(".gguf") and not Path(value).is_file():
+            raise ValueError(f"model file {value} does not exist; pass a readable .gguf path")
+        return value
+
+
+class TemplateSpec(_Strict):
+    """How the pre-query template is obtained."""
+
+    pre_query_template: str | None = Field(
+        None, description="family name or literal string; None = derive from the chat template"
+    )
+    chat_template: str | None = Field(None, description="Jinja chat template file to derive from")
+    system_prompt: str | None = Field(
+        None,
+        description="text, a task preset (math, code, ...), or 'none'; None = template default",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _readable_template(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"chat template file {value} does not exist; pass a readable file")
+        return value
+
+
+class InstructionsConfig(_Strict):
+    """`magpie instructions`: Magpie instruction synthesis."""
+
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    template: TemplateSpec = Field(default_factory=TemplateSpec)
+    num: int = Field(200, gt=0, description="accepted rows to produce")
+    turns: int = Field(1, ge=1, le=16, description="user turns per conversation")
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, gt=0, description="max new tokens of an instruction")
+    response_temperature: float = Field(0.0, ge=0.0, le=5.0, description="multi-turn replies")
+    response_max_tokens: int = Field(1024, gt=0, description="max new tokens of a reply")
+    min_chars: int = Field(8, ge=0, description="shorter instructions are rejected")
+    max_attempts: int | None = Field(None, gt=0, description="default: 4 x num + 16")
+    seed: int = Field(0, ge=0)
+    shard_size: int = Field(64, gt=0, description="attempts per committed shard")
+
+    def attempt_budget(self) -> int:
+        return self.max_attempts if self.max_attempts is not None else 4 * self.num + 16
+
+
+def config_hash(config: BaseModel) -> str:
+    """Stable hash of a resolved configuration: equal hashes mean the same rows."""
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe_validation_error(exc: ValidationError, flags: dict[str, str] | None = None) -> str:
+    """One line naming the first bad field (as its CLI flag where known) and what it accepts."""
+    error = exc.errors()[0]
+    field = ".".join(str(p) for p in error["loc"]) or "config"
+    name = (flags or {}).get(field, field)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"invalid {name}: {message} (got {error.get('input')!r})"
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a recipe/config YAML file into a dict, with a one-line error when it is unreadable."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise MagpieError(
+            f"cannot read {path}: {exc.strerror}; pass an existing YAML file"
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise MagpieError(f"{path} is not valid YAML ({exc}); fix the file") from exc
+    if not isinstance(data, dict):
+        raise MagpieError(f"{path} must hold a mapping of fields; see recipes/ for examples")
+    return data

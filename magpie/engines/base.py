@@ -1,0 +1,126 @@
+"""The Engine protocol every generation backend implements, and the registry of engines by name.
+
+Stages talk to engines only through this module: they build `Request`s of raw prompts (already
+formatted with the pre-query or chat template) and get back one `Completion` list per request.
+Concrete engines (llama.cpp, vLLM, an OpenAI-compatible server, transformers) live beside it and
+are looked up by name, so no stage imports a concrete engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from magpie.errors import MagpieError
+
+FinishReason = Literal["stop", "length"]
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding parameters of one request."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    """Return this many top log-probabilities per generated token (judges need them)."""
+    json_schema: dict[str, Any] | None = None
+    """Constrain the output to JSON that validates against this schema."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One raw prompt to complete `n` times. `seed` makes the samples reproducible."""
+
+    prompt: str
+    sampling: Sampling
+    n: int = 1
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    """One generated continuation."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    top_logprobs: list[dict[str, float]] | None = None
+    """Per generated token, the top alternatives and their log-probabilities."""
+
+
+@dataclass
+class ModelInfo:
+    """What an engine knows about its model's tokenizer, for template derivation."""
+
+    model_id: str
+    chat_template: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
+    special_tokens: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A text-completion backend. Implementations batch internally as they see fit."""
+
+    name: str
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def generate(
+        self, requests: Sequence[Request], on_done: ProgressCallback | None = None
+    ) -> list[list[Completion]]:
+        """Complete every request; the result holds `request.n` completions per request, in order.
+
+        `on_done(requests_finished, tokens_generated)` is called as work completes (for progress).
+        """
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens `text` has in the model's vocabulary (special tokens parsed)."""
+        ...
+
+    def close(self) -> None:
+        """Release the model."""
+        ...
+
+
+EngineFactory = Callable[..., Engine]
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "llamacpp": ("magpie.engines.llamacpp", "LlamaCppEngine"),
+}
+
+
+class EngineError(MagpieError):
+    """An engine failed in a way the user can act on; the message says how."""
+
+
+def engine_names() -> list[str]:
+    """Names accepted by `--engine`."""
+    return sorted(_REGISTRY)
+
+
+def register_engine(name: str, module: str, attribute: str) -> None:
+    """Make an engine class available under `name` (imported lazily on first use)."""
+    _REGISTRY[name] = (module, attribute)
+
+
+def create_engine(name: str, **options: Any) -> Engine:
+    """Instantiate the engine registered as `name` with engine-specific options."""
+    if name not in _REGISTRY:
+        raise EngineError(
+            f"unknown engine {name!r}: use --engine with one of {', '.join(engine_names())}"
+        )
+    module_name, attribute = _REGISTRY[name]
+    import importlib
+
+    factory: EngineFactory = getattr(importlib.import_module(module_name), attribute)
+    return factory(**options)

@@ -1,0 +1,56 @@
+"""Column names and Arrow types of every dataset we write.
+
+The published Magpie datasets are the contract: names and nesting follow them, so their users can
+swap our data in. Every stage and export builds its tables from the schemas here.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+
+import pyarrow as pa
+
+# UUID5 namespace of magpie-synth row ids: uuid5(NAMESPACE, instruction text).
+ROW_NAMESPACE = uuidlib.UUID("5e1b6f3c-58a4-4c35-9d5f-6d0b8a7e4b21")
+
+GEN_INPUT_CONFIGS = pa.struct(
+    [
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("input_generator", pa.string()),
+        ("seed", pa.int64()),
+        ("pre_query_template", pa.string()),
+    ]
+)
+SHAREGPT_MESSAGE = pa.struct([("from", pa.string()), ("value", pa.string())])
+CHAT_MESSAGE = pa.struct([("content", pa.string()), ("role", pa.string())])
+
+INSTRUCTION_FIELDS = [
+    pa.field("uuid", pa.string(), nullable=False),
+    pa.field("instruction", pa.string(), nullable=False),
+    pa.field("gen_input_configs", GEN_INPUT_CONFIGS),
+    pa.field("instruction_length", pa.int32()),
+    pa.field("instruction_tokens", pa.int32()),
+    pa.field("attempt", pa.int64()),
+]
+CONVERSATIONS_FIELD = pa.field("conversations", pa.list_(SHAREGPT_MESSAGE))
+
+REJECTED_FIELDS = [
+    pa.field("attempt", pa.int64()),
+    pa.field("reason", pa.string()),
+    pa.field("text", pa.string()),
+    pa.field("turn", pa.int32()),
+]
+
+
+def instructions_schema(multi_turn: bool) -> pa.Schema:
+    """Schema of an instruction shard; multi-turn rows also carry `conversations`."""
+    return pa.schema(INSTRUCTION_FIELDS + ([CONVERSATIONS_FIELD] if multi_turn else []))
+
+
+REJECTED_SCHEMA = pa.schema(REJECTED_FIELDS)
+
+
+def row_uuid(text: str) -> str:
+    """Deterministic row id of an instruction (or a whole first turn)."""
+    return str(uuidlib.uuid5(ROW_NAMESPACE, text))

@@ -1,0 +1,92 @@
+"""The llama.cpp engine on the real bundled SmolLM2 model."""
+
+from __future__ import annotations
+
+import pytest
+
+from magpie.engines.base import Engine, EngineError, Request, Sampling, create_engine
+from magpie.engines.llamacpp import bundled_model_path
+
+PRE_QUERY = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n<|im_start|>user\n"
+)
+SAMPLING = Sampling(temperature=1.0, top_p=1.0, max_tokens=48, stop=("<|im_end|>",))
+
+
+def test_bundled_model_ships_with_the_package() -> None:
+    path = bundled_model_path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+def test_engine_protocol_and_model_info(engine) -> None:
+    assert isinstance(engine, Engine)
+    assert engine.info.bos_token == "<|im_start|>"
+    assert engine.info.eos_token == "<|im_end|>"
+    assert "<|im_start|>" in (engine.info.chat_template or "")
+    assert engine.count_tokens(PRE_QUERY) == len(engine.tokenize(PRE_QUERY)) > 10
+
+
+def test_same_seed_same_text_whatever_ran_before(engine) -> None:
+    first = engine.generate([Request(PRE_QUERY, SAMPLING, seed=11)])[0][0]
+    engine.generate([Request("<|im_start|>user\nWhat is 2+2?<|im_end|>\n", SAMPLING, seed=5)])
+    engine.generate([Request(PRE_QUERY, SAMPLING, seed=12)])
+    again = engine.generate([Request(PRE_QUERY, SAMPLING, seed=11)])[0][0]
+    assert first.text == again.text
+    assert first.completion_tokens == again.completion_tokens > 0
+    other = engine.generate([Request(PRE_QUERY, SAMPLING, seed=12)])[0][0]
+    assert other.text != first.text
+
+
+def test_n_samples_and_progress(engine) -> None:
+    calls: list[tuple[int, int]] = []
+    (samples,) = engine.generate(
+        [Request(PRE_QUERY, SAMPLING, n=3, seed=1)], on_done=lambda r, t: calls.append((r, t))
+    )
+    assert len(samples) == 3
+    assert len({s.text for s in samples}) == 3
+    assert calls == [(1, sum(s.completion_tokens for s in samples))]
+
+
+def test_max_tokens_gives_length_finish(engine) -> None:
+    short = Sampling(temperature=1.0, max_tokens=3)
+    (completion,) = engine.generate([Request(PRE_QUERY, short, seed=3)])[0]
+    assert completion.finish_reason == "length"
+    assert completion.completion_tokens == 3
+
+
+def test_greedy_reply_stops_at_end_of_turn(engine) -> None:
+    prompt = PRE_QUERY + "Say hello.<|im_end|>\n<|im_start|>assistant\n"
+    greedy = Sampling(temperature=0.0, max_tokens=64, stop=("<|im_end|>",))
+    (completion,) = engine.generate([Request(prompt, greedy)])[0]
+    assert completion.finish_reason == "stop"
+    assert completion.text.strip()
+    assert "<|im_end|>" not in completion.text
+
+
+def test_json_schema_constrained_output(engine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"difficulty": {"enum": ["easy", "medium", "hard"]}},
+        "required": ["difficulty"],
+    }
+    prompt = (
+        "<|im_start|>user\nRate the difficulty of 'what is 2+2' as JSON.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    sampling = Sampling(temperature=0.0, max_tokens=32, json_schema=schema)
+    (completion,) = engine.generate([Request(prompt, sampling)])[0]
+    import json
+
+    assert json.loads(completion.text)["difficulty"] in {"easy", "medium", "hard"}
+
+
+def test_unknown_engine_and_missing_model_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(EngineError, match="unknown engine 'nope'"):
+        create_engine("nope")
+    with pytest.raises(EngineError, match="--model"):
+        create_engine("llamacpp", model=str(tmp_path / "missing.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(EngineError, match="GGUF"):
+        create_engine("llamacpp", model=str(bad))
