@@ -25,9 +25,9 @@ $(VENV)/.dev: $(VENV)/.core
 venv-core: $(VENV)/.core
 venv-dev: $(VENV)/.dev
 
-## demo: synthesize a small dataset on the bundled SmolLM2 model (CPU, a few minutes)
+## demo: the DPO recipe on the bundled SmolLM2 model (CPU, a few minutes) into data/run
 demo: $(VENV)/.core
-	$(VENV)/bin/magpie instructions --num 20 --out data/demo/instructions
+	$(VENV)/bin/magpie run recipes/cpu-demo.yaml
 
 ## test: the fast test tier (add ARGS="-m slow" for the slow tier)
 test: $(VENV)/.dev

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from magpie.config import InstructionsConfig
 from magpie.engines.llamacpp import LlamaCppEngine
-from magpie.runner import LiveProgress, run_source
+from magpie.runner import ProgressView, run_source
 from magpie.stages.instructions import InstructionStage, attempt_seed
 from magpie.store import ShardStore
 from magpie.templates import chat_format_for
@@ -31,7 +31,7 @@ def run_pipeline(engine: LlamaCppEngine, config: InstructionsConfig) -> tuple[fl
     with tempfile.TemporaryDirectory() as tmp:
         store = ShardStore(Path(tmp) / "ins")
         store.open_for_write("instructions", {}, "bench", overwrite=False)
-        progress = LiveProgress(config.num, "bench", Console(stderr=True), enabled=False)
+        progress = ProgressView(Console(stderr=True), enabled=False).stage("bench", config.num)
         started = time.perf_counter()
         summary = run_source(
             stage, store, config.num, config.shard_size, config.attempt_budget(), progress

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -15,19 +14,20 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from magpie import __version__
+from magpie import __version__, pipeline
 from magpie.config import (
     InstructionsConfig,
-    TemplateSpec,
-    config_hash,
+    PairsConfig,
+    Recipe,
+    ResponsesConfig,
+    ScoreConfig,
     describe_validation_error,
+    load_yaml,
 )
 from magpie.engines.base import ModelInfo, create_engine, engine_names
 from magpie.errors import MagpieError
-from magpie.runner import LiveProgress, RunSummary, run_source
-from magpie.stages.instructions import InstructionStage
-from magpie.store import ShardStore
-from magpie.templates import ChatFormat, chat_format_for, cross_check
+from magpie.runner import ProgressView, RunSummary
+from magpie.templates import ChatFormat, cross_check
 
 app = typer.Typer(
     name="magpie",
@@ -146,19 +146,6 @@ def _model_info(engine_name: str, model: str | None) -> ModelInfo:
     )
 
 
-def resolve_format(info: ModelInfo, spec: TemplateSpec) -> ChatFormat:
-    chat_template = info.chat_template
-    if spec.chat_template is not None:
-        chat_template = Path(spec.chat_template).read_text()
-    return chat_format_for(
-        chat_template,
-        bos_token=info.bos_token,
-        eos_token=info.eos_token,
-        pre_query_template=spec.pre_query_template,
-        system_prompt=spec.system_prompt,
-    )
-
-
 @app.command()
 @friendly_errors
 def template(
@@ -185,7 +172,7 @@ def template(
         info = ModelInfo(model_id=str(chat_template))
     else:
         info = _model_info(engine, model)
-    fmt = resolve_format(info, spec)
+    fmt = pipeline.resolve_format(info, spec)
     note = cross_check(fmt)
     if as_json:
         out_console.print_json(json.dumps({**fmt.to_dict(), "model": info.model_id, "note": note}))
@@ -258,32 +245,9 @@ def instructions(
             "shard_size": shard_size,
         }
     )
-    store = ShardStore(out)
-    store.check_writable()
-    started = time.monotonic()
-    llm = create_engine(config.engine.name, model=config.engine.model, **config.engine.options)
-    try:
-        fmt = resolve_format(llm.info, config.template)
-        if config.turns > 1:
-            fmt.require_assistant_prefix()
-        resolved = {
-            "magpie_version": __version__,
-            "command": "instructions",
-            "config": config.model_dump(mode="json"),
-            "model_id": llm.info.model_id,
-            "chat_format": fmt.to_dict(),
-        }
-        digest = config_hash(config) + ":" + _short_hash(fmt.to_dict())
-        store.open_for_write("instructions", resolved, digest, overwrite=overwrite)
-        stage = InstructionStage(llm, fmt, config, llm.info.model_id)
-        progress = LiveProgress(config.num, "instructions", err_console, enabled=not quiet)
-        with progress.shown():
-            summary = run_source(
-                stage, store, config.num, config.shard_size, config.attempt_budget(), progress
-            )
-    finally:
-        llm.close()
-    summary.seconds = time.monotonic() - started
+    view = ProgressView(err_console, enabled=not quiet)
+    with view.shown():
+        summary, fmt = pipeline.instructions(config, out, view, overwrite)
     print_summary(summary, fmt)
     if not summary.complete:
         err_console.print(
@@ -293,10 +257,178 @@ def instructions(
         raise typer.Exit(1)
 
 
-def _short_hash(data: dict[str, Any]) -> str:
-    import hashlib
+InOpt = Annotated[Path, typer.Option("--in", "-i", help="Input dataset directory or file.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing dataset in --out.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+@app.command()
+@friendly_errors
+def responses(
+    source: InOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
+    n: Annotated[int, typer.Option("--n", help="Responses per instruction (1 = SFT shape).")] = 5,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(help="Repetition penalty.")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Max new tokens of a response.")] = 2048,
+    engine: EngineOpt = "llamacpp",
+    model: ModelOpt = None,
+    system_prompt: SystemOpt = None,
+    pre_query_template: PreQueryOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    seed: Annotated[int, typer.Option(help="Run seed; row seeds derive from it and the uuid.")] = 0,
+    shard_size: Annotated[int, typer.Option(help="Instructions per committed shard.")] = 16,
+    n_threads: Annotated[int | None, typer.Option(help="CPU threads (llamacpp).")] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Sample n responses per instruction with the model's chat template."""
+    config = ResponsesConfig.model_validate(
+        {
+            "engine": {"name": engine, "model": model, "options": _engine_options(n_threads)},
+            "template": _template(chat_template, system_prompt, pre_query_template),
+            "n": n,
+            "temperature": temperature,
+            "top_p": top_p,
+            "repetition_penalty": repetition_penalty,
+            "max_tokens": max_tokens,
+            "seed": seed,
+            "shard_size": shard_size,
+        }
+    )
+    view = ProgressView(err_console, enabled=not quiet)
+    with view.shown():
+        summary = pipeline.responses(config, source, out, view, overwrite)
+    print_summary(summary)
+
+
+@app.command()
+@friendly_errors
+def score(
+    source: InOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
+    reward_model: Annotated[
+        str,
+        typer.Option(
+            help="Reward model: a local HF directory or hub id in the local cache "
+            "(sequence classification, e.g. Skywork-Reward, ArmoRM), or 'judge' / "
+            "'judge:MODEL.gguf' for an LLM judge."
+        ),
+    ] = "judge",
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow model code shipped with the reward model (ArmoRM).")
+    ] = False,
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Conversations per forward pass.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Truncate inputs to this many tokens.")] = 4096,
+    shard_size: Annotated[int, typer.Option(help="Rows per committed shard.")] = 16,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score every response with a reward model or an LLM judge."""
+    config = ScoreConfig(
+        reward_model=reward_model,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+        batch_size=batch_size,
+        max_length=max_length,
+        shard_size=shard_size,
+    )
+    view = ProgressView(err_console, enabled=not quiet)
+    with view.shown():
+        summary = pipeline.score(config, source, out, view, overwrite)
+    print_summary(summary)
+
+
+@app.command()
+@friendly_errors
+def pairs(
+    source: InOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
+    min_margin: Annotated[float, typer.Option(help="Set aside pairs below this margin.")] = 0.0,
+    drop_truncated: Annotated[
+        bool, typer.Option(help="Never pick responses cut at max tokens.")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Chosen = highest reward, rejected = lowest; other rows are set aside with a reason."""
+    config = PairsConfig(min_margin=min_margin, drop_truncated=drop_truncated)
+    view = ProgressView(err_console, enabled=not quiet)
+    with view.shown():
+        summary = pipeline.pairs(config, source, out, view, overwrite)
+    print_summary(summary)
+
+
+@app.command()
+@friendly_errors
+def export(
+    source: InOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="magpie, trl, sharegpt, openai or jsonl.")
+    ] = "trl",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write a dataset in the published Magpie schema, TRL, ShareGPT, OpenAI or JSONL format."""
+    report = pipeline.export(source, out, fmt, overwrite)
+    out_console.print(report.summary())
+
+
+@app.command("run")
+@friendly_errors
+def run_recipe(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="Recipe YAML (see recipes/). Default: the CPU demo.")
+    ] = None,
+    num: Annotated[int | None, typer.Option(help="Instructions to synthesize.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")] = None,
+    engine: Annotated[str | None, typer.Option("--engine", "-e", help="Engine name.")] = None,
+    model: ModelOpt = None,
+    reward_model: Annotated[str | None, typer.Option(help="Reward model or 'judge'.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Responses per instruction.")] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The DPO recipe end to end: instructions, responses, rewards, pairs, exports.
+
+    With no arguments it builds a small DPO dataset on the bundled model (a few CPU minutes).
+    Rerun the same command after an interruption to resume.
+    """
+    data = load_yaml(recipe) if recipe is not None else {}
+    overrides = {"num": num, "out": str(out) if out else None}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if engine is not None or model is not None:
+        spec = dict(data.get("engine") or {})
+        spec.update({k: v for k, v in {"name": engine, "model": model}.items() if v is not None})
+        data["engine"] = spec
+    if reward_model is not None:
+        data["score"] = {**(data.get("score") or {}), "reward_model": reward_model}
+    if n is not None:
+        data["responses"] = {**(data.get("responses") or {}), "n": n}
+    resolved = Recipe.model_validate(data)
+    view = ProgressView(err_console, enabled=not quiet)
+    with view.shown():
+        summaries = pipeline.run_recipe(resolved, view, overwrite)
+    for name in ("instructions", "responses", "score", "pairs"):
+        print_summary(summaries[name])
+    for report in summaries["export"]:
+        out_console.print(report.summary())
+
+
+def _engine_options(n_threads: int | None) -> dict[str, Any]:
+    return {"n_threads": n_threads} if n_threads else {}
+
+
+def _template(
+    chat_template: Path | None, system_prompt: str | None, pre_query_template: str | None
+) -> dict[str, Any]:
+    return {
+        "chat_template": str(chat_template) if chat_template else None,
+        "system_prompt": system_prompt,
+        "pre_query_template": pre_query_template,
+    }
 
 
 def print_summary(summary: RunSummary, fmt: ChatFormat | None = None) -> None:
@@ -307,10 +439,15 @@ def print_summary(summary: RunSummary, fmt: ChatFormat | None = None) -> None:
     table.add_row("rows", f"{summary.rows} ({summary.new_rows} new, {summary.shards} shards)")
     if summary.resumed_shards:
         table.add_row("resumed", f"{summary.resumed_shards} shards were already committed")
-    table.add_row("attempts", str(summary.attempts))
+    if summary.stage == "instructions":
+        table.add_row("attempts", str(summary.attempts))
+        label = "rejected"
+    else:
+        table.add_row("input rows", str(summary.input_rows))
+        label = "set aside / flagged"
     rejected = sum(summary.rejections.values())
     detail = ", ".join(f"{k} {v}" for k, v in sorted(summary.rejections.items()))
-    table.add_row("rejected", f"{rejected}" + (f" ({detail})" if detail else ""))
+    table.add_row(label, f"{rejected}" + (f" ({detail})" if detail else ""))
     table.add_row("tokens generated", str(summary.tokens))
     seconds = max(summary.seconds, 1e-9)
     table.add_row(
@@ -321,10 +458,6 @@ def print_summary(summary: RunSummary, fmt: ChatFormat | None = None) -> None:
     if fmt is not None:
         table.add_row("pre-query template", repr(fmt.pre_query))
     out_console.print(table)
-
-
-def run() -> None:  # pragma: no cover - console entry alias
-    app(prog_name="magpie")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -82,6 +82,96 @@ class InstructionsConfig(_Strict):
         return self.max_attempts if self.max_attempts is not None else 4 * self.num + 16
 
 
+class ResponsesConfig(_Strict):
+    """`magpie responses`: n sampled responses per instruction with the model's chat template."""
+
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    template: TemplateSpec = Field(default_factory=TemplateSpec)
+    n: int = Field(5, ge=1, le=64, description="responses per instruction")
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=3.0)
+    max_tokens: int = Field(2048, gt=0, le=32768, description="max new tokens of a response")
+    seed: int = Field(0, ge=0)
+    shard_size: int = Field(16, gt=0, description="instructions per committed shard")
+
+
+class ScoreConfig(_Strict):
+    """`magpie score`: a reward for every response."""
+
+    reward_model: str = Field(
+        "judge", description="HF reward model path/id, or 'judge' / 'judge:<model.gguf>'"
+    )
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(4096, gt=0)
+    shard_size: int = Field(16, gt=0, description="rows per committed shard")
+
+
+class PairsConfig(_Strict):
+    """`magpie pairs`: chosen = highest reward, rejected = lowest."""
+
+    min_margin: float = Field(0.0, ge=0.0)
+    drop_truncated: bool = False
+    shard_size: int = Field(1000, gt=0)
+
+
+class Recipe(_Strict):
+    """`magpie run`: the whole DPO recipe. The defaults are the CPU demo on the bundled model.
+
+    `instructions` and `responses` hold any field of those stage configs; `engine`, `template`,
+    `num` and `seed` are shared by both unless a stage section sets its own.
+    """
+
+    out: str = "data/run"
+    num: int = Field(20, gt=0, description="instructions to synthesize")
+    seed: int = Field(0, ge=0)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    template: TemplateSpec = Field(default_factory=TemplateSpec)
+    instructions: dict[str, Any] = Field(default_factory=dict)
+    responses: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 512})
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    export: list[str] = Field(default_factory=lambda: ["trl", "magpie"])
+
+    @field_validator("export")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        from magpie.export import FORMATS
+
+        unknown = [f for f in value if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown export format {unknown[0]!r}; choose from {FORMATS}")
+        return value
+
+    def _shared(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine.model_dump(),
+            "template": self.template.model_dump(),
+            "seed": self.seed,
+        }
+
+    def instructions_config(self) -> InstructionsConfig:
+        return _section(
+            InstructionsConfig,
+            "instructions",
+            {**self._shared(), "num": self.num},
+            self.instructions,
+        )
+
+    def responses_config(self) -> ResponsesConfig:
+        return _section(ResponsesConfig, "responses", self._shared(), self.responses)
+
+
+def _section(model: type[_Strict], name: str, shared: dict[str, Any], own: dict[str, Any]) -> Any:
+    """Validate a recipe section; errors name the field as `section.field`."""
+    try:
+        return model.model_validate({**shared, **own})
+    except ValidationError as exc:
+        raise MagpieError(f"recipe section {name}: {describe_validation_error(exc)}") from exc
+
+
 def config_hash(config: BaseModel) -> str:
     """Stable hash of a resolved configuration: equal hashes mean the same rows."""
     text = json.dumps(config.model_dump(mode="json"), sort_keys=True)

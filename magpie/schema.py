@@ -35,6 +35,34 @@ INSTRUCTION_FIELDS = [
 ]
 CONVERSATIONS_FIELD = pa.field("conversations", pa.list_(SHAREGPT_MESSAGE))
 
+GEN_RESPONSE_CONFIGS = pa.struct(
+    [
+        ("prompt", pa.string()),
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("repetition_penalty", pa.float64()),
+        ("max_tokens", pa.int64()),
+        ("stop_tokens", pa.list_(pa.string())),
+        ("output_generator", pa.string()),
+        ("engine", pa.string()),
+        ("n", pa.int64()),
+        ("seed", pa.int64()),
+    ]
+)
+# Columns the responses stage adds (SFT mode also adds `response` and `conversations`).
+RESPONSE_COLUMNS: dict[str, pa.DataType] = {
+    "responses": pa.list_(pa.string()),
+    "response_finish_reasons": pa.list_(pa.string()),
+    "response_tokens": pa.list_(pa.int32()),
+    "gen_response_configs": GEN_RESPONSE_CONFIGS,
+}
+REWARD_SCORE = pa.struct([("score", pa.float64())])
+# Columns the score stage adds; `rewards_<name>` (e.g. rewards_armorm) is list<REWARD_SCORE>.
+REWARD_COLUMNS: dict[str, pa.DataType] = {
+    "rewards": pa.list_(pa.float64()),
+    "reward_model": pa.string(),
+}
+
 REJECTED_FIELDS = [
     pa.field("attempt", pa.int64()),
     pa.field("reason", pa.string()),

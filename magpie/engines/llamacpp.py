@@ -148,6 +148,10 @@ class LlamaCppEngine:
         self._primed = head
 
     def _sample(self, tokens: list[int], sampling: Sampling, seed: int) -> Completion:
+        if sampling.logprobs is not None and not self._llm._logits_all:
+            raise EngineError(
+                "logprobs need the logits of every position: create the engine with logits_all=True"
+            )
         self._prime(tokens)
         from llama_cpp import StoppingCriteriaList
 
@@ -159,6 +163,10 @@ class LlamaCppEngine:
         stopped_on_control = []
 
         def stop_on_control(input_ids: Any, _logits: Any) -> bool:
+            # llama-cpp-python passes the ids before the newly sampled token: look only at
+            # generated ones (so a control token ends the text one step later, unseen in it).
+            if len(input_ids) <= len(tokens):
+                return False
             token = int(input_ids[-1])
             if self._is_control(token) and not self._is_eog(token):
                 stopped_on_control.append(token)
@@ -176,15 +184,14 @@ class LlamaCppEngine:
             repeat_penalty=sampling.repetition_penalty,
             stop=list(sampling.stop) or None,
             seed=seed,
-            logprobs=sampling.logprobs,
             grammar=grammar,
             stopping_criteria=StoppingCriteriaList([stop_on_control]),
         )
         choice = out["choices"][0]
         finish = "stop" if stopped_on_control else choice["finish_reason"]
         top = None
-        if sampling.logprobs is not None and choice.get("logprobs"):
-            top = [dict(t) for t in choice["logprobs"]["top_logprobs"]]
+        if sampling.logprobs is not None:
+            top = self._top_logprobs(len(tokens), sampling.logprobs)
         return Completion(
             text=choice["text"],
             finish_reason="length" if finish == "length" else "stop",
@@ -192,6 +199,31 @@ class LlamaCppEngine:
             completion_tokens=out["usage"]["completion_tokens"],
             top_logprobs=top,
         )
+
+    def _top_logprobs(self, prompt_tokens: int, k: int) -> list[dict[str, float]]:
+        """Top-`k` log-probabilities of every sampled position, read from the stored logits.
+
+        One dict per generated token, plus one for the step that sampled an end-of-generation or
+        control token when that ended the completion: its distribution is kept (llama-cpp-python
+        drops it, so a 1-token request whose greedy choice was end-of-turn gave no logprobs).
+        Tokens that render to the same text are merged (their probabilities add up).
+        """
+        import numpy as np
+
+        llm = self._llm
+        rows = np.asarray(llm.scores[prompt_tokens - 1 : llm.n_tokens], dtype=np.float64)
+        top = []
+        for row in rows:
+            shifted = row - row.max()
+            logprobs = shifted - np.log(np.exp(shifted).sum())
+            best = np.argpartition(-logprobs, min(k, len(logprobs) - 1))[:k]
+            step: dict[str, float] = {}
+            for token in sorted(best, key=lambda t: -logprobs[t]):
+                text = llm.detokenize([int(token)], special=True).decode("utf-8", "replace")
+                value = float(logprobs[token])
+                step[text] = float(np.logaddexp(step[text], value)) if text in step else value
+            top.append(step)
+        return top
 
     def _is_eog(self, token: int) -> bool:
         import llama_cpp

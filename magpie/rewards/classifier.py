@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from magpie.errors import MagpieError
+
 if TYPE_CHECKING:
     import torch
 
@@ -41,7 +43,7 @@ KNOWN_SHORT_NAMES: dict[str, str] = {
 _SEQ_CLS = "AutoModelForSequenceClassification"
 
 
-class RewardModelError(ValueError):
+class RewardModelError(MagpieError, ValueError):
     """A reward model that cannot be loaded or used. The message is one line, fit for a CLI."""
 
 
