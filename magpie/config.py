@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from magpie.errors import MagpieError
 
@@ -107,6 +114,43 @@ class ScoreConfig(_Strict):
     batch_size: int = Field(8, gt=0)
     max_length: int = Field(4096, gt=0)
     shard_size: int = Field(16, gt=0, description="rows per committed shard")
+
+
+class TagConfig(_Strict):
+    """`magpie tag`: Magpie's unitag tags and nearest-neighbour statistics."""
+
+    tags: list[str] = Field(
+        default_factory=lambda: ["difficulty", "quality", "category", "safety", "language"]
+    )
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="the judge of judge tags")
+    template: TemplateSpec = Field(default_factory=TemplateSpec)
+    guard_model: str | None = Field(None, description="Llama-Guard-style model for safety")
+    reward_model: str | None = Field(None, description="reward model of the reward tag")
+    trust_remote_code: bool = False
+    embedding_model: str | None = Field(None, description="sentence-transformers model path")
+    neighbor_threshold: float = Field(0.15, ge=0.0, le=4.0)
+    neighbor_k: int = Field(20, gt=0, le=1000)
+    index: str = Field("auto", pattern="^(auto|flat|ivf|hnsw)$")
+    seed: int = Field(0, ge=0)
+    shard_size: int = Field(16, gt=0)
+
+    @field_validator("tags")
+    @classmethod
+    def _known_tags(cls, value: list[str]) -> list[str]:
+        from magpie.stages.tags import ALL_TAGS
+
+        unknown = [t for t in value if t not in ALL_TAGS]
+        if unknown or not value:
+            raise ValueError(
+                f"unknown tag {unknown[0] if unknown else ''!r}; choose from {ALL_TAGS}"
+            )
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _reward_needs_model(self) -> TagConfig:
+        if "reward" in self.tags and not self.reward_model:
+            raise ValueError("the reward tag needs --reward-model (an HF reward model or 'judge')")
+        return self
 
 
 class PairsConfig(_Strict):

@@ -6,6 +6,7 @@ stage from its config, lets the runner drive it with a progress bar, and returns
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from magpie.config import (
     Recipe,
     ResponsesConfig,
     ScoreConfig,
+    TagConfig,
     TemplateSpec,
     config_hash,
 )
@@ -38,7 +40,7 @@ from magpie.templates import ChatFormat, chat_format_for
 
 
 @contextmanager
-def open_engine(config: InstructionsConfig | ResponsesConfig) -> Iterator[Engine]:
+def open_engine(config: InstructionsConfig | ResponsesConfig | TagConfig) -> Iterator[Engine]:
     """The engine a stage config names, closed afterwards."""
     engine = create_engine(config.engine.name, model=config.engine.model, **config.engine.options)
     try:
@@ -253,6 +255,59 @@ def pairs(
 
     return run_transform(
         "pairs", transform, table, store, config.shard_size, view.stage("pairs", table.num_rows)
+    )
+
+
+def tag(config: TagConfig, source: Path, out: Path, view: ProgressView, overwrite: bool = False):
+    """Unitag tags of every row of `source` into `out` (any dataset with an `instruction`)."""
+    from magpie.stages.tags import JUDGE_TAG_NAMES, JudgeTagger, TagStage
+
+    table, upstream = load_input(source)
+    ShardStore(out).check_writable()
+    if "neighbors" in config.tags:
+        table = _neighbor_columns(table, config, view)
+    needs_judge = any(
+        t in JUDGE_TAG_NAMES and not (t == "safety" and config.guard_model) for t in config.tags
+    )
+    extra: dict[str, Any] = {"input": str(source)}
+    with contextlib.ExitStack() as stack:
+        judge = guard = scorer = None
+        if needs_judge:
+            llm = stack.enter_context(open_engine(config))
+            fmt = resolve_format(llm.info, config.template)
+            judge = JudgeTagger(llm, fmt, llm.info.model_id, config.seed)
+            extra["judge"] = llm.info.model_id
+        if "safety" in config.tags and config.guard_model:
+            from magpie.rewards.guard import GuardModel
+
+            guard = GuardModel(config.guard_model, trust_remote_code=config.trust_remote_code)
+        if "reward" in config.tags:
+            scorer = load_scorer(
+                ScoreConfig(
+                    reward_model=config.reward_model or "judge",
+                    trust_remote_code=config.trust_remote_code,
+                )
+            )
+            stack.callback(getattr(scorer, "close", lambda: None))
+        store = _open_store(out, "tag", config, extra, upstream, overwrite)
+        stage = TagStage([t for t in config.tags if t != "neighbors"], judge, guard, scorer)
+        return run_transform(
+            "tag", stage, table, store, config.shard_size, view.stage("tag", table.num_rows)
+        )
+
+
+def _neighbor_columns(table: pa.Table, config: TagConfig, view: ProgressView) -> pa.Table:
+    """Embedding nearest-neighbour statistics over the whole dataset (not per shard)."""
+    from magpie.stages.neighbors import tag_neighbors
+
+    bar = view.stage("embeddings", table.num_rows)
+    return tag_neighbors(
+        table,
+        model=config.embedding_model,
+        embed_progress=lambda n: bar.on_done(n, 0),
+        k=config.neighbor_k,
+        distance_threshold=config.neighbor_threshold,
+        index=config.index,
     )
 
 

@@ -77,3 +77,51 @@ def judge_prompt(
         high=high,
         good=round(low + 0.9 * (high - low)),
     )
+
+
+# ---- unitag prompts: each asks for one JSON object, decoded under that tag's JSON schema ----
+
+TAG_DIFFICULTY_PROMPT = """\
+Below is a request a user sent to an AI assistant. Describe it as a JSON object with:
+- "intent": one sentence, starting with "The user wants to", saying what the user is after;
+- "knowledge": one sentence, starting with "To solve this problem, the models need to know",
+  naming what an assistant must know to answer well;
+- "difficulty": how hard the request is to answer well, one of "very easy", "easy", "medium",
+  "hard", "very hard".
+
+User request:
+{instruction}"""
+
+TAG_QUALITY_PROMPT = """\
+Below is a request a user sent to an AI assistant. Judge how well it is written: is it clear,
+specific, and does it give the context needed to answer it? Reply with a JSON object with:
+- "explanation": two or three sentences on its strengths and weaknesses;
+- "input_quality": one of "very poor", "poor", "average", "good", "excellent".
+
+User request:
+{instruction}"""
+
+TAG_CATEGORY_PROMPT = """\
+Below is a request a user sent to an AI assistant. Classify the task it asks for. The categories
+are: {categories}. Reply with a JSON object with:
+- "primary_tag": the one category that fits best;
+- "other_tags": a list of further categories that also apply (may be empty).
+
+User request:
+{instruction}"""
+
+TAG_SAFETY_PROMPT = """\
+You check requests sent to an AI assistant for safety. Decide whether the request below asks
+for harmful content in any of these hazard categories:
+{hazards}
+Reply with a JSON object with:
+- "verdict": "safe" or "unsafe";
+- "categories": the codes (like "S2") of every category it falls under; empty when safe.
+
+User request:
+{instruction}"""
+
+
+def tag_prompt(template: str, instruction: str, **fields: str) -> str:
+    """Fill a tag prompt with the instruction (and any other fields the template names)."""
+    return template.format(instruction=instruction.strip(), **fields)

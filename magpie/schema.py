@@ -63,6 +63,30 @@ REWARD_COLUMNS: dict[str, pa.DataType] = {
     "reward_model": pa.string(),
 }
 
+# Columns of the tag stage ("unitag"), typed as in the published Magpie datasets.
+TAG_COLUMNS: dict[str, pa.DataType] = {
+    "intent": pa.string(),
+    "knowledge": pa.string(),
+    "difficulty": pa.string(),
+    "difficulty_generator": pa.string(),
+    "input_quality": pa.string(),
+    "quality_explanation": pa.string(),
+    "quality_generator": pa.string(),
+    "task_category": pa.string(),
+    "other_task_category": pa.list_(pa.string()),
+    "task_category_generator": pa.string(),
+    "llama_guard_2": pa.string(),
+    "safety": pa.string(),
+    "safety_generator": pa.string(),
+    "language": pa.string(),
+    "instruct_reward": pa.float64(),
+    "reward_model": pa.string(),
+    "instruct_reward_model": pa.string(),
+    "min_neighbor_distance": pa.float64(),
+    "repeat_count": pa.int64(),
+    "min_similar_uuid": pa.string(),
+}
+
 REJECTED_FIELDS = [
     pa.field("attempt", pa.int64()),
     pa.field("reason", pa.string()),

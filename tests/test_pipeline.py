@@ -176,10 +176,9 @@ def test_shipped_recipes_parse() -> None:
         default.pairs,
         default.export,
     )
-    gpu = load_yaml(REPO / "recipes" / "llama-3.1-70b-armorm-dpo.yaml")
-    assert gpu["engine"]["name"] == "vllm"  # arrives with the vLLM engine (issue 4)
-    gpu["engine"]["name"] = "llamacpp"
-    recipe = Recipe.model_validate(gpu)
+    recipe = Recipe.model_validate(load_yaml(REPO / "recipes" / "llama-3.1-70b-armorm-dpo.yaml"))
+    assert recipe.engine.name == "vllm"
+    assert recipe.engine.options["tensor_parallel_size"] == 4
     responses = recipe.responses_config()
     assert (responses.n, responses.temperature, responses.max_tokens) == (5, 0.8, 4096)
     assert recipe.score.reward_model == "RLHFlow/ArmoRM-Llama3-8B-v0.1"

@@ -243,3 +243,23 @@ def test_bundled_model_template(engine) -> None:
     assert fmt.pre_query == FAMILIES["smollm2"].chat_format(use_default=True).pre_query
     assert fmt.family == "smollm2"
     assert "<|im_end|>" in fmt.stops
+
+
+def test_template_command_prints_the_derived_format(tmp_path) -> None:
+    import json
+
+    from conftest import run_cli
+
+    result = run_cli("template", "--system-prompt", "none", "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["pre_query"] == "<|im_start|>user\n"
+    assert shown["turn_append"] == "<|im_end|>\n<|im_start|>user\n"
+    assert "<|im_end|>" in shown["stops"] and shown["family"] == "smollm2"
+    template = tmp_path / "gemma.jinja"
+    template.write_text(GEMMA)
+    result = run_cli("template", "--chat-template", str(template), "--system-prompt", "math")
+    assert result.returncode == 2
+    assert "--system-prompt none" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("template", "--chat-template", str(template))
+    assert result.returncode == 0 and "<start_of_turn>user" in result.stdout

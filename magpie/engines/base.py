@@ -96,6 +96,8 @@ class Engine(Protocol):
 EngineFactory = Callable[..., Engine]
 _REGISTRY: dict[str, tuple[str, str]] = {
     "llamacpp": ("magpie.engines.llamacpp", "LlamaCppEngine"),
+    "vllm": ("magpie.engines.vllm", "VLLMEngine"),
+    "openai": ("magpie.engines.openai_server", "OpenAIServerEngine"),
 }
 
 

