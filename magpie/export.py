@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from magpie import __version__
 from magpie.errors import MagpieError
 from magpie.schema import CHAT_MESSAGE, GEN_INPUT_CONFIGS, SHAREGPT_MESSAGE
+from magpie.store import fsync_dir
 
 FORMATS = ("magpie", "trl", "sharegpt", "openai", "jsonl")
 JSONL_NAME = "data.jsonl"
@@ -326,17 +327,9 @@ def _json_lines(table: pa.Table) -> Iterable[str]:
             yield json.dumps(_json_safe(row), ensure_ascii=False, default=_json_default) + "\n"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _write_fsynced(table: pa.Table, path: Path) -> None:
@@ -422,7 +415,7 @@ def _export_parquet(files: list[Path], out: Path, fmt: str, report: ExportReport
         target = out / f"train-{i:05d}-of-{len(staged):05d}.parquet"
         os.replace(tmp, target)
         report.files.append(target)
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def export_dataset(

@@ -195,7 +195,7 @@ def load_scorer(config: ScoreConfig) -> Any:
     if spec == "judge" or spec.startswith("judge:"):
         from magpie.rewards.judge import load_judge
 
-        return load_judge(spec)
+        return load_judge(spec, config.judge_engine.name, **config.judge_engine.options)
     from magpie.rewards.classifier import ClassifierRewardModel
 
     return ClassifierRewardModel(

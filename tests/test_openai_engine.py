@@ -231,6 +231,27 @@ def test_count_tokens_and_info(llm: OpenAIServerEngine, engine, tmp_path: Path) 
         other.close()
 
 
+def test_judge_scores_through_the_server(server: LlamaServer, engine, tmp_path: Path) -> None:
+    """The LLM judge works over any engine with logprobs: here the OpenAI-compatible one."""
+    from magpie.rewards.judge import load_judge
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(engine.info.chat_template or "")
+    judge = load_judge(
+        "judge", "openai", base_url=server.url, chat_template=str(template), concurrency=2
+    )
+    try:
+        conversation = [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is Paris."},
+        ]
+        (score,) = judge.score([conversation])
+        assert 1.0 <= score <= 10.0
+        assert judge.model_id.startswith("judge:")
+    finally:
+        judge.close()
+
+
 def test_killed_server_fails_cleanly_and_the_rerun_resumes(tmp_path: Path) -> None:
     srv = LlamaServer(tmp_path / "server.log", *DETERMINISTIC)
     srv.start()

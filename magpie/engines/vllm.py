@@ -24,6 +24,7 @@ from magpie.engines.base import (
     ProgressCallback,
     Request,
     Sampling,
+    check_prompt_fits,
 )
 
 CPU_MEMORY_SHARE = 0.3
@@ -216,13 +217,7 @@ class VLLMEngine:
 
     def _prompt_ids(self, request: Request) -> list[int]:
         ids = self.tokenize(request.prompt)
-        if not ids:
-            raise EngineError("empty prompt: the pre-query template rendered no tokens")
-        if len(ids) + request.sampling.max_tokens > self._max_len:
-            raise EngineError(
-                f"prompt of {len(ids)} tokens + max_tokens {request.sampling.max_tokens} exceed "
-                f"the context of {self._max_len}: lower max_tokens or raise max_model_len"
-            )
+        check_prompt_fits(len(ids), request.sampling.max_tokens, self._max_len, "max_model_len")
         return ids
 
     def _sampling_params(self, request: Request) -> Any:

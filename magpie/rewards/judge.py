@@ -358,21 +358,28 @@ def parse_judge_spec(spec: str) -> Path | None:
     return Path(model.strip()).expanduser() if sep else None
 
 
-def load_judge(spec: str, **engine_options: Any) -> JudgeRewardModel:
-    """A judge on the llama.cpp engine: `judge` (bundled SmolLM2) or `judge:<path.gguf>`.
+def load_judge(spec: str, engine_name: str = "llamacpp", **engine_options: Any) -> JudgeRewardModel:
+    """A judge from `judge` (the bundled SmolLM2) or `judge:<model>` on any engine.
 
-    `engine_options` go to the engine (e.g. n_ctx, n_threads); the chat format comes from the
-    model's own chat template.
+    On llama.cpp `<model>` is a .gguf path; on vllm or openai it is what that engine's `--model`
+    takes. `engine_options` go to the engine (n_ctx, base_url, ...); the chat format comes from
+    the model's own chat template (or the engine's `chat_template` / `tokenizer` option).
     """
     from magpie.engines.base import create_engine
 
     path = parse_judge_spec(spec)
-    if path is not None and not path.is_file():
-        raise JudgeError(f"judge model not found: {path}: use judge:<path to a .gguf file>")
-    options = {"n_ctx": 4096, **engine_options, "logits_all": True}
-    if path is not None:
-        options["model"] = str(path)
-    engine = create_engine("llamacpp", **options)
+    if engine_name != "llamacpp":
+        model = None if path is None else spec.strip().partition(":")[2].strip()
+        engine = create_engine(engine_name, model=model, **engine_options)
+        max_prompt = None
+    else:
+        if path is not None and not path.is_file():
+            raise JudgeError(f"judge model not found: {path}: use judge:<path to a .gguf file>")
+        options = {"n_ctx": 4096, **engine_options, "logits_all": True}
+        if path is not None:
+            options["model"] = str(path)
+        engine = create_engine("llamacpp", **options)
+        max_prompt = int(options["n_ctx"]) - 2
     try:
         info = engine.info
         fmt = chat_format_for(
@@ -382,7 +389,7 @@ def load_judge(spec: str, **engine_options: Any) -> JudgeRewardModel:
             engine,
             fmt,
             info.model_id,
-            max_prompt_tokens=int(options["n_ctx"]) - 2,
+            max_prompt_tokens=max_prompt,
             owns_engine=True,
         )
     except Exception:

@@ -1,9 +1,9 @@
-"""Throughput of the LLM-free tags: embeddings, FAISS k-NN and language detection.
+"""Tag throughput: judge tags/s per tag on the bundled model, embeddings, FAISS k-NN, language.
 
-    python bench/tags_neighbors.py --rows 2000
+    python bench/tags.py --rows 2000 --judge-rows 16
 
-Prints rows/s for each step; no assertions on speed. Model and detector loading are timed
-separately from the throughput figures.
+Prints rows/s (and generated tokens/s for judge tags) for each step; no assertions on speed.
+Model and detector loading are timed separately from the throughput figures.
 """
 
 from __future__ import annotations
@@ -61,6 +61,34 @@ def timed(label: str, rows: int | None, step: Callable[[], Any]) -> Any:
     return result
 
 
+def judge_tags(texts: list[str]) -> None:
+    """Each judge tag over `texts` on the bundled model through llama.cpp (JSON-constrained)."""
+    from magpie.engines.llamacpp import LlamaCppEngine
+    from magpie.stages.tags import JUDGE_TAGS, JudgeTagger
+    from magpie.templates import chat_format_for
+
+    engine = LlamaCppEngine()
+    info = engine.info
+    fmt = chat_format_for(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+    tagger = JudgeTagger(engine, fmt, info.model_id)
+    rows = [{"uuid": str(i), "instruction": t} for i, t in enumerate(texts)]
+
+    class Quiet:
+        def on_done(self, units: int, tokens: int) -> None:
+            pass
+
+    for name, tag in JUDGE_TAGS.items():
+        start = time.perf_counter()
+        answers, failed, tokens = tagger.answers(tag, rows, Quiet())
+        seconds = time.perf_counter() - start
+        print(
+            f"{'judge tag ' + name:<36} {seconds:8.2f} s  {len(rows):>8} rows  "
+            f"{len(rows) / seconds:10.2f} rows/s  {tokens / seconds:7.1f} tokens/s  "
+            f"failed {failed}"
+        )
+    engine.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", "-n", type=int, default=2000)
@@ -70,7 +98,11 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="sentence-transformers path (default MiniLM)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--indexes", default="flat,ivf,hnsw", help="comma-separated index kinds")
+    parser.add_argument("--judge-rows", type=int, default=16, help="rows for each judge tag")
     args = parser.parse_args()
+
+    if args.judge_rows:
+        judge_tags(synthetic_instructions(args.judge_rows, 12, seed=1))
 
     texts = synthetic_instructions(args.rows, args.words)
     uuids = [f"{i:08d}" for i in range(args.rows)]
