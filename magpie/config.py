@@ -177,7 +177,7 @@ class Recipe(_Strict):
     engine: EngineSpec = Field(default_factory=EngineSpec)
     template: TemplateSpec = Field(default_factory=TemplateSpec)
     instructions: dict[str, Any] = Field(default_factory=dict)
-    responses: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 512})
+    responses: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 256})
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     export: list[str] = Field(default_factory=lambda: ["trl", "magpie"])
