@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from magpie import __version__
 from magpie.errors import MagpieError
-from magpie.schema import CHAT_MESSAGE, GEN_INPUT_CONFIGS, SHAREGPT_MESSAGE
+from magpie.schema import CHAT_MESSAGE, MAGPIE_DPO_COLUMNS, SHAREGPT_MESSAGE
 from magpie.store import fsync_dir
 
 FORMATS = ("magpie", "trl", "sharegpt", "openai", "jsonl")
@@ -42,48 +42,6 @@ _TMP_PREFIX = ".tmp-"
 MESSAGES = pa.list_(CHAT_MESSAGE)
 OPENAI_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
-# The published Magpie DPO schema (Magpie-Llama-3.1-Pro-DPO-100K), in column order.
-# TODO(lead): move to magpie/schema.py.
-MAGPIE_DPO_COLUMNS: dict[str, pa.DataType] = {
-    "uuid": pa.string(),
-    "instruction": pa.string(),
-    "gen_input_configs": GEN_INPUT_CONFIGS,
-    "intent": pa.string(),
-    "knowledge": pa.string(),
-    "difficulty": pa.string(),
-    "difficulty_generator": pa.string(),
-    "input_quality": pa.string(),
-    "quality_explanation": pa.string(),
-    "quality_generator": pa.string(),
-    "task_category": pa.string(),
-    "other_task_category": pa.list_(pa.string()),
-    "task_category_generator": pa.string(),
-    "llama_guard_2": pa.string(),
-    "instruct_reward": pa.float64(),
-    "reward_model": pa.string(),
-    "language": pa.string(),
-    "min_neighbor_distance": pa.float64(),
-    "repeat_count": pa.int64(),
-    "min_similar_uuid": pa.string(),
-    "instruction_length": pa.int64(),
-    "response_length": pa.int64(),
-    "responses": pa.list_(pa.string()),
-    "gen_response_configs": pa.struct(
-        [
-            ("prompt", pa.string()),
-            ("temperature", pa.float64()),
-            ("top_p", pa.float64()),
-            ("repetition_penalty", pa.float64()),
-            ("max_tokens", pa.int64()),
-            ("stop_tokens", pa.list_(pa.string())),
-            ("output_generator", pa.string()),
-            ("engine", pa.string()),
-        ]
-    ),
-    "rewards_armorm": pa.list_(pa.struct([("score", pa.float64())])),
-    "chosen": MESSAGES,
-    "rejected": MESSAGES,
-}
 
 _TO_SHAREGPT = {"user": "human", "assistant": "gpt", "system": "system"}
 _TO_OPENAI = {v: k for k, v in _TO_SHAREGPT.items()}
