@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -646,7 +645,3 @@ def print_summary(summary: RunSummary, fmt: ChatFormat | None = None) -> None:
     if fmt is not None:
         table.add_row("pre-query template", repr(fmt.pre_query))
     out_console.print(table)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

@@ -88,12 +88,8 @@ def load_input(path: Path) -> tuple[pa.Table, str]:
     """Rows of a dataset directory (ours or any Parquet/JSONL) and a hash that identifies them."""
     if not path.exists():
         raise MagpieError(f"input {path} does not exist: pass --in with a dataset directory")
-    manifest = ShardStore(path).read_manifest() if path.is_dir() else None
+    manifest = _complete_manifest(path)
     if manifest is not None:
-        if not manifest.get("complete"):
-            raise MagpieError(
-                f"input {path} is incomplete: rerun the command that writes it to finish it first"
-            )
         table, identity = ShardStore(path).read_all(), manifest["config_hash"]
     else:
         table = _read_files(path)
@@ -106,6 +102,16 @@ def load_input(path: Path) -> tuple[pa.Table, str]:
         uuids = [row_uuid(t or "") for t in table.column("instruction").to_pylist()]
         table = table.append_column("uuid", pa.array(uuids, pa.string()))
     return table, identity
+
+
+def _complete_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of one of our datasets (None for other data); refuses an unfinished one."""
+    manifest = ShardStore(path).read_manifest() if path.is_dir() else None
+    if manifest is not None and not manifest.get("complete"):
+        raise MagpieError(
+            f"input {path} is incomplete: rerun the command that writes it to finish it first"
+        )
+    return manifest
 
 
 def _read_files(path: Path) -> pa.Table:
@@ -315,7 +321,7 @@ def export(source: Path, out: Path, fmt: str, overwrite: bool = False) -> Any:
     """Write `source` in an export format (magpie, trl, sharegpt, openai, jsonl)."""
     from magpie.export import export_dataset
 
-    load_input(source)  # refuses incomplete datasets with a clear message
+    _complete_manifest(source)  # refuses incomplete datasets with a clear message
     return export_dataset(source, out, fmt, overwrite=overwrite)
 
 

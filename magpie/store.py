@@ -133,9 +133,6 @@ class ShardStore:
         paths = [*self.root.glob("part-*.parquet"), *(self.meta_dir / "empty").glob("part-*.json")]
         return sorted({int(p.stem.split("-")[1]) for p in paths})
 
-    def has_shard(self, index: int) -> bool:
-        return self.shard_path(index).is_file() or self.empty_marker(index).is_file()
-
     def commit(
         self,
         index: int,
@@ -182,12 +179,6 @@ class ShardStore:
         if not tables:
             raise MagpieError(f"{self.root} holds no shards: run the stage that writes it first")
         return pa.concat_tables(tables, promote_options="default")
-
-    def read_rejected(self) -> pa.Table | None:
-        files = sorted((self.meta_dir / "rejected").glob("part-*.parquet"))
-        if not files:
-            return None
-        return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
 
     # ---- manifest ------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any] | None:
