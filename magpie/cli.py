@@ -12,8 +12,9 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from magpie import __version__, pipeline
+from magpie import pipeline
 from magpie.config import (
     InstructionsConfig,
     PairsConfig,
@@ -87,7 +88,9 @@ def friendly_errors(func: F) -> F:
 
 def _version(value: bool) -> None:
     if value:
-        out_console.print(f"magpie-synth {__version__}")
+        from magpie.doctor import version_line
+
+        out_console.print(version_line(), highlight=False, markup=False)
         raise typer.Exit()
 
 
@@ -532,6 +535,40 @@ def stats(
         out_console.print_json(json.dumps(result.as_dict(), default=str))
     else:
         render_stats(result, out_console)
+
+
+@app.command()
+@friendly_errors
+def doctor(
+    model: ModelOpt = None,
+    probe: Annotated[
+        bool, typer.Option(help="Probe llama.cpp configurations now (else show the cached choice).")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What this machine runs: CPU, the llama.cpp configuration chosen for it, engines."""
+    from magpie.doctor import report
+
+    facts = report(Path(model) if model else None, probe=probe)
+    if as_json:
+        out_console.print_json(json.dumps(facts))
+        return
+    cpu, llama = facts["cpu"], facts["llamacpp"]
+    table = Table(show_header=False, box=None)
+    row = lambda key, value: table.add_row(Text(key), Text(value))  # noqa: E731 - text, no markup
+    row("magpie", f"{facts['magpie']} (python {facts['python']}, {facts['platform']})")
+    row("cpu", f"{cpu['model']}, {cpu['cores']} cores, {', '.join(cpu['flags'])}")
+    if "error" in llama:
+        row("llama.cpp", llama["error"])
+    else:
+        chosen = llama["runtime"]
+        row("llama.cpp", f"{llama['llama_cpp']}: {llama['system_info']}")
+        row("runtime", f"{chosen['name']} ({chosen.get('reason', '')})")
+    for name, status in facts["engines"].items():
+        state = f"ok {status['version'] or ''}".strip() if status["ok"] else "missing"
+        row(f"engine {name}", f"{state}  {status['why']}".rstrip())
+    row("cache", facts["cache"])
+    out_console.print(table, markup=False, highlight=False)
 
 
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)

@@ -253,17 +253,25 @@ def resolve_system_prompt(value: str | None) -> str | None:
 
 
 def _render(template: str, messages: list[dict[str, str]], generation: bool) -> str:
+    """Render `messages`; a tool-use template that needs a tool list gets an empty one."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template(
-        conversations=[messages],
-        chat_template=template,
-        add_generation_prompt=generation,
-        bos_token=_BOS,
-        eos_token=_EOS,
-        date_string="26 Jul 2024",
-    )
-    return rendered[0]
+    def render(tools: list[dict[str, Any]] | None) -> str:
+        rendered, _ = render_jinja_template(
+            conversations=[messages],
+            chat_template=template,
+            tools=tools,
+            add_generation_prompt=generation,
+            bos_token=_BOS,
+            eos_token=_EOS,
+            date_string="26 Jul 2024",
+        )
+        return rendered[0]
+
+    try:
+        return render(None)
+    except TypeError:  # e.g. `for tool in tools` with tools undefined
+        return render([])
 
 
 def _between(text: str, start: str, end: str) -> str:
@@ -315,6 +323,11 @@ def derive_chat_format(
         raise TemplateDerivationError(
             "the chat template drops or rewrites message text, so the user message cannot be "
             "located: pass --pre-query-template with a family name or a literal string"
+        ) from exc
+    except (TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise TemplateDerivationError(
+            f"the chat template failed to render a plain chat ({type(exc).__name__}: {exc}): "
+            "pass --pre-query-template with a family name or a literal string"
         ) from exc
 
 

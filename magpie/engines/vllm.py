@@ -12,11 +12,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from magpie.cache import cache_root
 from magpie.engines.base import (
     Completion,
     EngineError,
@@ -31,11 +31,6 @@ CPU_MEMORY_SHARE = 0.3
 """On the CPU backend `gpu_memory_utilization` is the share of RAM vLLM reserves for the KV
 cache; its default (0.92) fails whenever anything else runs on the machine."""
 GPU_MEMORY_SHARE = 0.9
-
-
-def cache_root() -> Path:
-    """Where exported models are kept: $MAGPIE_CACHE_DIR, else ~/.cache/magpie."""
-    return Path(os.environ.get("MAGPIE_CACHE_DIR") or Path.home() / ".cache" / "magpie")
 
 
 def gguf_export_dir(gguf: Path, dtype: str = "bfloat16") -> Path:

