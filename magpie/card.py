@@ -165,7 +165,7 @@ def _run_recipe(root: Path) -> str | None:
 
 # ---- markdown helpers ----------------------------------------------------------------------
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~>-])")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
 
 
 def md_text(value: Any) -> str:

@@ -40,7 +40,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 def _short(label: str, width: int = 28) -> str:
     label = " ".join(label.split())
-    return label if len(label) <= width else label[: width - 1] + "…"
+    label = label if len(label) <= width else label[: width - 1] + "…"
+    return label.replace("$", r"\$")  # model text is never mathtext
 
 
 def bar_plot(path: Path, title: str, counts: list[Any]) -> Path:

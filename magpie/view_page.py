@@ -32,7 +32,8 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
   </div>
 </header>
 <main id="rows"></main>
-{header}{blocks}<script>{script}</script>
+{header}<script>{script}</script>
+{blocks}<div id="magpie-end"></div>
 </body>
 </html>
 """
@@ -44,6 +45,7 @@ header { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #d
 h1 { font-size: 18px; margin: 0 0 6px; }
 #controls, #pager { display: flex; flex-wrap: wrap; gap: 10px; align-items: center; margin: 4px 0; }
 #filters label { margin-right: 8px; }
+select { max-width: 220px; }
 #status { color: #555; }
 main { padding: 12px 16px; }
 .row { background: #fff; border: 1px solid #d5d8dd; border-radius: 6px; padding: 10px 12px;
@@ -244,18 +246,35 @@ SCRIPT = r"""
     return out;
   }
 
-  function update(keepPage) {
+  function matcher() {
     const active = TAGS.filter((n) => filters[n] !== null && filters[n] !== undefined);
     const re = query ? new RegExp(query.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"), "i") : null;
-    const out = new Int32Array(loaded);
+    return (i) => {
+      for (const n of active) if (cols["tag:" + n][i] !== filters[n]) return false;
+      return !re || searchable(i).some((s) => s !== null && s !== undefined && re.test(s));
+    };
+  }
+
+  function matching(from, to) {
+    const test = matcher();
+    const out = new Int32Array(to - from);
     let k = 0;
-    rows: for (let i = 0; i < loaded; i++) {
-      for (const n of active) if (cols["tag:" + n][i] !== filters[n]) continue rows;
-      if (re && !searchable(i).some((s) => s !== null && s !== undefined && re.test(s))) continue;
-      out[k++] = i;
-    }
-    visible = out.subarray(0, k);
+    for (let i = from; i < to; i++) if (test(i)) out[k++] = i;
+    return out.subarray(0, k);
+  }
+
+  function update(keepPage) {  // filters or search changed: every loaded row again
+    visible = matching(0, loaded);
     if (!keepPage) page = 0;
+    render();
+  }
+
+  function extend(from) {  // rows from..loaded arrived: test only those
+    const more = matching(from, loaded);
+    const all = new Int32Array(visible.length + more.length);
+    all.set(visible);
+    all.set(more, visible.length);
+    visible = all;
     render();
   }
 
@@ -287,21 +306,41 @@ SCRIPT = r"""
     }
   }
 
-  function loadRest() {
-    if (blocksRead >= H.blocks) {
-      if (TAGS.length) {
-        document.getElementById("filters").replaceChildren();
-        buildFilters();
-        restoreFilters();
-      }
-      update(true);
-      document.body.dataset.loaded = "1";
-      document.body.dataset.loadedMs = String(Math.round(performance.now()));
-      return;
+  // The data blocks come after this script: a block is whole once the parser has made the
+  // element after it, so blocks are read while the rest of the page is still arriving.
+  function blockReady(k) {
+    const node = document.getElementById("magpie-rows-" + k);
+    return node !== null && node.nextElementSibling !== null;
+  }
+
+  function finish(before) {
+    if (TAGS.length) {
+      document.getElementById("filters").replaceChildren();
+      buildFilters();
+      restoreFilters();
     }
-    readBlock();
-    if (blocksRead % 5 === 0) render();
-    setTimeout(loadRest, 0);
+    if (before < loaded) extend(before); else render();
+    document.body.dataset.loaded = "1";
+    document.body.dataset.loadedMs = String(Math.round(performance.now()));
+  }
+
+  function pump() {
+    const started = performance.now();
+    let before = loaded;
+    let read = 0;
+    while (blocksRead < H.blocks && blockReady(blocksRead) && performance.now() - started < 40) {
+      readBlock();
+      read += 1;
+      if (blocksRead === 1) {
+        buildFilters();
+        update(false);
+        before = loaded;
+        document.body.dataset.firstPageMs = String(Math.round(performance.now()));
+      }
+    }
+    if (blocksRead >= H.blocks) { finish(before); return; }
+    if (read && before > 0) extend(before);
+    setTimeout(pump, read ? 0 : 20);
   }
 
   function restoreFilters() {
@@ -322,12 +361,12 @@ SCRIPT = r"""
   document.getElementById("markdown").addEventListener("change", () => render());
   document.getElementById("prev").addEventListener("click", () => { page -= 1; render(); });
   document.getElementById("next").addEventListener("click", () => { page += 1; render(); });
-  if (H.blocks > 0) readBlock();
-  for (const name of TAGS) if (!cols["tag:" + name]) cols["tag:" + name] = [];
-  if (!cols.instruction) cols.instruction = [];
-  buildFilters();
-  update(false);
-  document.body.dataset.firstPageMs = String(Math.round(performance.now()));
-  setTimeout(loadRest, 0);
+  for (const name of TAGS) cols["tag:" + name] = [];
+  cols.instruction = [];
+  if (H.blocks === 0) {
+    buildFilters();
+    document.body.dataset.firstPageMs = String(Math.round(performance.now()));
+  }
+  pump();
 })();
 """

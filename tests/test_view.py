@@ -140,6 +140,7 @@ def test_rows_filters_search_and_injections_in_chromium(
         assert not shown.find_elements(By.TAG_NAME, "script")
         assert not shown.find_elements(By.TAG_NAME, "textarea")
         assert browser.execute_script("return typeof window.__pwned") == "undefined"
+    browser.save_screenshot(str(tmp_path / "view-injections.png"))
     browser.find_element(By.ID, "markdown").click()
 
     # the injected task category is an option's text, not markup
@@ -243,3 +244,50 @@ def test_view_of_100k_rows(browser, tmp_path: Path) -> None:
         f"first page at {first} ms, all rows at {loaded} ms after navigation "
         f"(wall {wall:.1f} s); filter {filter_s:.2f} s; search {search_s:.2f} s"
     )
+
+
+def _conversation_table() -> pa.Table:
+    turns = pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))
+    conversations = [
+        [
+            {"from": "human", "value": f"first question {i}"},
+            {"from": "gpt", "value": f"first answer {i}"},
+            {"from": "human", "value": f"follow-up {i} </textarea><img src=x onerror=alert(1)>"},
+            {"from": "gpt", "value": f"second answer {i}"},
+        ]
+        for i in range(30)
+    ]
+    return pa.table(
+        {
+            "instruction": [f"first question {i}" for i in range(30)],
+            "conversations": pa.array(conversations, turns),
+            "difficulty": [("easy", "hard")[i % 2] for i in range(30)],
+        }
+    )
+
+
+@needs_browser
+def test_multi_turn_conversations_in_chromium(browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    d = tmp_path / "multi"
+    d.mkdir()
+    pq.write_table(_conversation_table(), d / "data.parquet")
+    result = run_cli("view", str(d), "--out", str(tmp_path / "multi.html"))
+    assert result.returncode == 0, result.stderr
+    assert "multi" in result.stdout
+    _open(browser, tmp_path / "multi.html")
+    assert _visible(browser) == 30
+    first = browser.find_elements(By.CSS_SELECTOR, "#rows article.row")[0]
+    turns = first.find_elements(By.CSS_SELECTOR, ".turn")
+    assert [t.find_element(By.CSS_SELECTOR, ".role").text for t in turns] == [
+        "human",
+        "gpt",
+        "human",
+        "gpt",
+    ]
+    assert "follow-up 0 </textarea><img src=x onerror=alert(1)>" in turns[2].text
+    assert not browser.find_elements(By.CSS_SELECTOR, "#rows img, #rows textarea")
+    search = browser.find_element(By.ID, "search")
+    search.send_keys("second answer 17")
+    _wait_visible(browser, 1)
