@@ -151,16 +151,17 @@ def lineage(root: Path, limit: int = 16) -> list[Stage]:
 
 def _locate(parent: Path, child: Path) -> Path | None:
     """An input path as recorded (relative to where the command ran) or as a sibling of `child`."""
-    for candidate in (parent, child.parent / parent.name):
+    sibling = child.parent / parent.name
+    for candidate in (parent,) if parent.is_absolute() else (sibling, parent):
         if candidate.is_dir():
             return candidate
     return None
 
 
 def _run_recipe(root: Path) -> str | None:
-    """The resolved recipe of the `magpie run` that made `root` (its parent dir), if any."""
+    """The resolved recipe of the `magpie run` that made `root` (`RUN/pairs`), if any."""
     path = root.parent / "recipe.yaml"
-    return path.read_text() if path.is_file() else None
+    return path.read_text() if root.name == "pairs" and path.is_file() else None
 
 
 # ---- markdown helpers ----------------------------------------------------------------------

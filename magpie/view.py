@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from magpie.card import VIEW_NAME
 from magpie.store import atomic_write_bytes
@@ -75,6 +76,17 @@ def _messages(value: Any) -> list[list[str]]:
     return out
 
 
+def _last_contents(column: pa.ChunkedArray) -> list[str | None]:
+    """The text of the last message of each row's message list (None for empty or null)."""
+    array = column.combine_chunks()
+    if array.type.value_type.get_field_index("content") < 0:
+        return [m[-1][1] if m else None for m in (_messages(v) for v in array.to_pylist())]
+    lengths = pc.fill_null(pc.list_value_length(array), 0)
+    last = pc.subtract(array.offsets[1:], 1)
+    last = pc.if_else(pc.greater(lengths, 0), last, pa.scalar(None, last.type))
+    return pc.take(array.values.field("content"), last).to_pylist()
+
+
 def view_kind(columns: list[str]) -> str:
     """What a row shows: dpo pair, sft reply, multi-turn conversation, or sampled responses."""
     if {"chosen", "rejected"} <= set(columns):
@@ -103,10 +115,11 @@ def _chunk(table: pa.Table, kind: str, dictionaries: dict[str, dict[str, int]]) 
     }
     if kind == "dpo":
         for side in ("chosen", "rejected"):
-            messages = [_messages(v) for v in table.column(side).to_pylist()]
-            data[side] = [m[-1][1] if m else None for m in messages]
-            if side == "chosen":  # turns between the first instruction and the final replies
-                data["context"] = [m[1:-1] if len(m) > 2 else None for m in messages]
+            data[side] = _last_contents(table.column(side))
+        lengths = pc.list_value_length(table.column("chosen"))
+        if (pc.max(lengths).as_py() or 0) > 2:  # turns between the first instruction and the end
+            messages = [_messages(v) for v in table.column("chosen").to_pylist()]
+            data["context"] = [m[1:-1] if len(m) > 2 else None for m in messages]
     elif kind == "sft" and "response" in cols:
         data["response"] = [_text(v) for v in table.column("response").to_pylist()]
     elif kind in ("sft", "multi"):

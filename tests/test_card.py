@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli
 from datasets_for_reports import make_pairs_dataset
 
-from magpie.card import PLOT_SIZE, read_front_matter
+from magpie.card import PLOT_SIZE, read_front_matter, write_card
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,7 @@ def test_test_split_is_declared_and_loaded(pairs_dir: Path, tmp_path: Path) -> N
         shutil.copy(shard, d / shard.name)
     (d / "test").mkdir()
     shutil.copy(shards[-1], d / "test" / "part-00000.parquet")
-    result = run_cli("card", str(d), "--no-plots")
-    assert result.returncode == 0, result.stderr
+    write_card(d, plots=False)
     header = read_front_matter(d / "README.md")
     assert header["configs"][0]["data_files"] == [
         {"split": "train", "path": "part-*.parquet"},
@@ -145,3 +144,29 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     empty.mkdir()
     result = run_cli("card", str(empty))
     assert result.returncode == 2 and "holds no .parquet shards" in result.stderr
+
+
+def test_filter_stage_and_its_condition_counts(pairs_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from magpie.filters import filter_dataset
+
+    out = tmp_path / "filtered"
+    presets = ["dpo-margin", "english"]
+    filter_dataset(pairs_dir, out, presets=presets, params={"min_margin": 2.0})
+    write_card(out)
+    body = (out / "README.md").read_text().split("\n---\n", 1)[1]
+    manifest = json.loads((out / ".magpie" / "manifest.json").read_text())
+    stages = [line.split(" | ")[0] for line in body.splitlines() if line.startswith("| ")]
+    assert stages[:3] == ["| stage", "| pairs", "| filter"]  # the chain, oldest first
+    conditions = manifest["filter"]["conditions"]
+    assert len(conditions) == 3
+    for c in conditions:
+        name = c["name"].replace("_", "\\_")
+        row = next(line for line in body.splitlines() if line.startswith(f"| {name} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[-3:] == [str(c["removed_alone"]), str(c["removed_step"]), str(c["left_after"])]
+    assert (
+        read_front_matter(out / "README.md")["dataset_info"]["splits"][0]["num_examples"]
+        == (manifest["rows"])
+    )
