@@ -13,6 +13,7 @@ Markdown), and template strings go into code fences.
 from __future__ import annotations
 
 import html
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,7 +330,7 @@ def _body(
     what = {"dpo": "preference pairs", "sft": "instruction-response rows"}.get(kind, "rows")
     parts = [f"# {md_text(name)}", ""]
     generators = _generators(chain)
-    made = f" with {', '.join(f'`{g}`' for g in generators)}" if generators else ""
+    made = f" with {', '.join(md_text(g) for g in generators)}" if generators else ""
     parts.append(
         f"{report.rows:,} synthetic {what} made with the Magpie method{made}, by magpie-synth "
         f"{__version__}. Browse the rows in `{VIEW_NAME}` beside this card (`magpie view` writes "
@@ -432,13 +433,13 @@ def _stage_details(chain: list[Stage]) -> list[str]:
                 parts += ["System prompt:", "", md_code(system, "text"), ""]
             stops = fmt.get("stops") or []
             if stops:
-                parts += ["Stops: " + ", ".join(f"`{md_text(s)}`" for s in stops), ""]
+                parts += ["Stops:", "", md_code(json.dumps(stops, ensure_ascii=False), "json"), ""]
         if stage.command == "score":
             spec = stage.settings.get("reward_model", "")
             judged = spec == "judge" or str(spec).startswith("judge:")
             how = "an LLM judge (expected 1-10 rating)" if judged else "a reward model"
             parts += [
-                f"Rewards: {how}, `{md_text(stage.config.get('reward_model') or spec)}`.",
+                f"Rewards: {how}, {md_text(stage.config.get('reward_model') or spec)}.",
                 "",
             ]
         if stage.command == "filter" and stage.manifest.get("filter"):
@@ -480,7 +481,7 @@ def _distributions(stats: Any, out: Path, report: CardReport) -> list[str]:
         parts += [f"### {column}", "", md_table(["value", "rows", "share"], rows), ""]
         parts += link(column, column)
 
-    def numeric(title: str, summaries: dict[str, Any], key: str) -> list[str]:
+    def numeric(title: str, summaries: dict[str, Any]) -> list[str]:
         rows = [
             [label, s.count, s.nulls, _num(s.mean), _num(s.p5), _num(s.p50), _num(s.p95)]
             + [_num(s.min), _num(s.max)]
@@ -490,10 +491,10 @@ def _distributions(stats: Any, out: Path, report: CardReport) -> list[str]:
         return [f"### {title}", "", md_table(header, rows), ""]
 
     if stats.lengths:
-        parts += numeric("Lengths (characters)", stats.lengths, "lengths")
+        parts += numeric("Lengths (characters)", stats.lengths)
         parts += link("lengths", "lengths")
     if stats.scores:
-        parts += numeric("Rewards and scores", stats.scores, "scores")
+        parts += numeric("Rewards and scores", stats.scores)
         for key in ("rewards", "reward_margin", "instruct_reward", "min_neighbor_distance"):
             parts += link(key, key)
     r = stats.repeats

@@ -392,6 +392,8 @@ def view(source: Path, out: Path | None = None) -> Any:
     """Write the self-contained HTML viewer of `source` (default `source/view.html`)."""
     from magpie.view import DEFAULT_NAME, write_view
 
+    if not source.exists():
+        raise MagpieError(f"{source} does not exist: pass `magpie view` a dataset directory")
     table, _ = load_input(report_dataset(source))
     return write_view(table, out or _beside(source, DEFAULT_NAME), title=source.resolve().name)
 

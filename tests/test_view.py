@@ -291,3 +291,31 @@ def test_multi_turn_conversations_in_chromium(browser, tmp_path: Path) -> None:
     search = browser.find_element(By.ID, "search")
     search.send_keys("second answer 17")
     _wait_visible(browser, 1)
+
+
+def _header(page: str) -> dict:
+    import json
+
+    block = re.search(r'id="magpie-header">(.*?)</script>', page).group(1)
+    return json.loads(block)
+
+
+def test_each_kind_of_dataset_gets_its_layout() -> None:
+    from magpie.view import render_html
+
+    base = {"instruction": ["q1", "q2"]}
+    sft = pa.table({**base, "response": ["a1", None]})
+    scored = pa.table({**base, "responses": [["a", "b"], []], "rewards": [[1.0, 2.0], []]})
+    multi = _conversation_table()
+    plain = pa.table(base)
+    kinds = [_header(render_html(t, "t"))["kind"] for t in (sft, scored, multi, plain)]
+    assert kinds == ["sft", "responses", "multi", "instructions"]
+    header = _header(render_html(multi, "<b>t</b>"))
+    assert header["rows"] == 30 and header["tags"] == {"difficulty": ["easy", "hard"]}
+    assert "<title>&lt;b&gt;t&lt;/b&gt;</title>" in render_html(multi, "<b>t</b>")
+
+
+def test_missing_dataset_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("view", str(tmp_path / "nope"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "does not exist: pass `magpie view` a dataset directory" in result.stderr
