@@ -170,3 +170,27 @@ def test_filter_stage_and_its_condition_counts(pairs_dir: Path, tmp_path: Path) 
         read_front_matter(out / "README.md")["dataset_info"]["splits"][0]["num_examples"]
         == (manifest["rows"])
     )
+
+
+def test_run_reports_sit_beside_the_final_dataset(tmp_path: Path) -> None:
+    """The hook at the end of `magpie run`: card, plots and viewer in RUN/, shards untouched."""
+    from magpie import pipeline
+
+    run = tmp_path / "run"
+    pairs = make_pairs_dataset(run, rows=20, shard_size=10)
+    (run / "recipe.yaml").write_text("out: run\nnum: 20\n")
+    written = pipeline.reports(run)
+    assert [r.summary().split()[0] for r in written] == ["card", "view"]
+    assert sorted(p.name for p in pairs.iterdir()) == [
+        ".magpie",
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]
+    header = read_front_matter(run / "README.md")
+    assert header["configs"][0]["data_files"] == [
+        {"split": "train", "path": "pairs/part-*.parquet"}
+    ]
+    assert "### The resolved recipe" in (run / "README.md").read_text()
+    assert (run / "view.html").is_file() and (run / "plots" / "rewards.png").is_file()
+    ds = _load(run, tmp_path / "cache")
+    assert ds["train"].num_rows == pq.read_table(pairs).num_rows  # the shard dir reads as before
