@@ -76,10 +76,22 @@ def _messages(value: Any) -> list[list[str]]:
     return out
 
 
+def _has_context(table: pa.Table) -> bool:
+    """Whether some `chosen` holds more than [user, assistant] (a multi-turn pair)."""
+    chosen = table.column("chosen")
+    if not pa.types.is_list(chosen.type):
+        return False
+    return (pc.max(pc.list_value_length(chosen)).as_py() or 0) > 2
+
+
 def _last_contents(column: pa.ChunkedArray) -> list[str | None]:
     """The text of the last message of each row's message list (None for empty or null)."""
+    if not pa.types.is_list(column.type):  # chosen/rejected as plain text
+        return [_text(v) for v in column.to_pylist()]
     array = column.combine_chunks()
-    if array.type.value_type.get_field_index("content") < 0:
+    if not pa.types.is_struct(array.type.value_type) or (
+        array.type.value_type.get_field_index("content") < 0
+    ):
         return [m[-1][1] if m else None for m in (_messages(v) for v in array.to_pylist())]
     lengths = pc.fill_null(pc.list_value_length(array), 0)
     last = pc.subtract(array.offsets[1:], 1)
@@ -106,8 +118,10 @@ def _round(value: Any) -> float | None:
     return round(float(value), 4)
 
 
-def _chunk(table: pa.Table, kind: str, dictionaries: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """One block of rows as columns."""
+def _chunk(
+    table: pa.Table, kind: str, dictionaries: dict[str, dict[str, int]], context: bool
+) -> dict[str, Any]:
+    """One block of rows as columns (the same columns in every block)."""
     cols = table.column_names
     data: dict[str, Any] = {
         "uuid": table.column("uuid").to_pylist() if "uuid" in cols else None,
@@ -116,8 +130,7 @@ def _chunk(table: pa.Table, kind: str, dictionaries: dict[str, dict[str, int]]) 
     if kind == "dpo":
         for side in ("chosen", "rejected"):
             data[side] = _last_contents(table.column(side))
-        lengths = pc.list_value_length(table.column("chosen"))
-        if (pc.max(lengths).as_py() or 0) > 2:  # turns between the first instruction and the end
+        if context:  # turns between the first instruction and the final replies
             messages = [_messages(v) for v in table.column("chosen").to_pylist()]
             data["context"] = [m[1:-1] if len(m) > 2 else None for m in messages]
     elif kind == "sft" and "response" in cols:
@@ -156,9 +169,10 @@ def render_html(table: pa.Table, title: str) -> str:
     kind = view_kind(table.column_names)
     tags = [c for c in TAG_COLUMNS if c in table.column_names]
     dictionaries: dict[str, dict[str, int]] = {c: {} for c in tags}
+    context = kind == "dpo" and _has_context(table)
     blocks = []
     for i, start in enumerate(range(0, table.num_rows, CHUNK_ROWS)):
-        chunk = _chunk(table.slice(start, CHUNK_ROWS), kind, dictionaries)
+        chunk = _chunk(table.slice(start, CHUNK_ROWS), kind, dictionaries, context)
         blocks.append(_json_block(chunk, f"magpie-rows-{i}"))
     header = {
         "title": title,

@@ -319,3 +319,34 @@ def test_missing_dataset_is_one_line(tmp_path: Path) -> None:
     result = run_cli("view", str(tmp_path / "nope"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "does not exist: pass `magpie view` a dataset directory" in result.stderr
+
+
+def test_every_block_has_the_same_columns(monkeypatch) -> None:
+    """A multi-turn pair in a later block still lines up: each block carries each column."""
+    import json
+
+    from magpie import view
+
+    msg = pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))
+
+    def pair(i: int, turns: int) -> list[dict]:
+        roles = ["user", "assistant"] * turns
+        return [{"content": f"{i}-{k}", "role": r} for k, r in enumerate(roles)]
+
+    table = pa.table(
+        {
+            "instruction": [f"{i}-0" for i in range(5)],
+            "chosen": pa.array([pair(i, 2 if i == 3 else 1) for i in range(5)], msg),
+            "rejected": pa.array([pair(i, 2 if i == 3 else 1) for i in range(5)], msg),
+        }
+    )
+    monkeypatch.setattr(view, "CHUNK_ROWS", 2)
+    page = view.render_html(table, "t")
+    blocks = re.findall(r'id="magpie-rows-\d+">(.*?)</script>', page)
+    assert len(blocks) == 3
+    columns = [json.loads(b) for b in blocks]
+    assert all(set(c) == set(columns[0]) for c in columns)
+    context = [row for c in columns for row in c["context"]]
+    assert context == [None, None, None, [["assistant", "3-1"], ["user", "3-2"]], None]
+    chosen = [row for c in columns for row in c["chosen"]]
+    assert chosen == ["0-1", "1-1", "2-1", "3-3", "4-1"]
