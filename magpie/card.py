@@ -428,6 +428,10 @@ def _stage_details(chain: list[Stage]) -> list[str]:
                 "",
                 md_code(fmt.get("pre_query") or "", "text"),
                 "",
+                "Exactly, as a JSON string:",
+                "",
+                md_code(json.dumps(fmt.get("pre_query") or "", ensure_ascii=False), "json"),
+                "",
             ]
             if system is not None:
                 parts += ["System prompt:", "", md_code(system, "text"), ""]

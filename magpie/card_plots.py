@@ -83,7 +83,7 @@ def histogram(
     ax.set_ylabel("rows")
     ax.set_title(title)
     if len(series) > 1 or values:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper right")
     return _save(fig, path)
 
 
