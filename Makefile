@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 
 VLLM_VENV := .venv-vllm
 
-.PHONY: demo test test-vllm lint bench venv-core venv-dev llama-cpp doctor clean
+.PHONY: demo test test-vllm lint bench venv-core venv-dev llama-cpp doctor clean browser
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +48,18 @@ venv-dev: $(VENV)/.dev
 demo: $(VENV)/.core
 	$(VENV)/bin/magpie run recipes/cpu-demo.yaml
 
+## browser: Debian's chromium + chromium-driver for the viewer tests (installed when missing and
+## apt-get can run as root; otherwise the browser tests skip and say so)
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver >/dev/null; } \
+	  || echo "could not install chromium: the browser tests will skip"; \
+	else echo "chromium not installed (needs root + apt-get): the browser tests will skip"; fi
+
 ## test: the fast test tier (add ARGS="-m slow" for the slow tier)
-test: $(VENV)/.dev
+test: $(VENV)/.dev browser
 	$(VENV)/bin/ruff check magpie tests bench
 	$(PY) -m pytest -q $(ARGS)
 

@@ -571,6 +571,31 @@ def doctor(
     out_console.print(table, markup=False, highlight=False)
 
 
+@app.command()
+@friendly_errors
+def card(
+    source: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Card file. Default: DATASET/README.md.")
+    ] = None,
+    plots: Annotated[bool, typer.Option(help="Draw PNG plots into plots/ beside the card.")] = True,
+) -> None:
+    """Write a Hugging Face dataset card: YAML header, how it was made, distributions, plots."""
+    out_console.print(pipeline.card(source, out, plots=plots).summary())
+
+
+@app.command("view")
+@friendly_errors
+def view_rows(
+    source: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="HTML file. Default: DATASET/view.html.")
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page to browse, filter and search the rows offline."""
+    out_console.print(pipeline.view(source, out).summary())
+
+
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
@@ -626,6 +651,8 @@ def run_recipe(
     for name in ("instructions", "responses", "score", "pairs"):
         print_summary(summaries[name])
     for report in summaries["export"]:
+        out_console.print(report.summary())
+    for report in summaries["reports"]:
         out_console.print(report.summary())
 
 

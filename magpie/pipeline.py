@@ -364,4 +364,49 @@ def run_recipe(recipe: Recipe, view: ProgressView, overwrite: bool = False) -> d
     summaries["export"] = [
         export(out / "pairs", out / "export" / fmt, fmt, overwrite=True) for fmt in recipe.export
     ]
+    summaries["reports"] = reports(out)
     return summaries
+
+
+# ---- card and viewer -------------------------------------------------------------------------
+
+
+def report_dataset(path: Path) -> Path:
+    """The dataset directory `magpie card` / `magpie view` read from the path they were given."""
+    return path  # lead: switch to magpie.inputs.resolve_dataset(path) (issue 12 item 4)
+
+
+def _beside(source: Path, name: str) -> Path:
+    """Default output of card/view: inside the directory the user named (beside a file)."""
+    return source / name if source.is_dir() else source.parent / name
+
+
+def card(source: Path, out: Path | None = None, plots: bool = True) -> Any:
+    """Write the dataset card of `source` (default `source/README.md`) and its PNG plots."""
+    from magpie.card import CARD_NAME, write_card
+
+    return write_card(report_dataset(source), out or _beside(source, CARD_NAME), plots=plots)
+
+
+def view(source: Path, out: Path | None = None) -> Any:
+    """Write the self-contained HTML viewer of `source` (default `source/view.html`)."""
+    from magpie.view import DEFAULT_NAME, write_view
+
+    if not source.exists():
+        raise MagpieError(f"{source} does not exist: pass `magpie view` a dataset directory")
+    table, _ = load_input(report_dataset(source))
+    return write_view(table, out or _beside(source, DEFAULT_NAME), title=source.resolve().name)
+
+
+def reports(run_dir: Path) -> list[Any]:
+    """The card, plots and viewer of a run's final dataset (`pairs/`), written beside it in
+    `run_dir` so the shard directory itself holds only Parquet."""
+    from magpie.card import CARD_NAME, VIEW_NAME, write_card
+    from magpie.view import write_view
+
+    dataset = run_dir / "pairs"
+    written = [write_card(dataset, run_dir / CARD_NAME)]
+    if any(dataset.glob("part-*.parquet")):
+        table, _ = load_input(dataset)
+        written.append(write_view(table, run_dir / VIEW_NAME, title=run_dir.resolve().name))
+    return written

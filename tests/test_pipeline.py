@@ -208,6 +208,12 @@ def test_run_end_to_end_and_resume_after_kill(tmp_path: Path) -> None:
     pairs = (
         pq.read_table(clean / "pairs").num_rows if list((clean / "pairs").glob("*.parquet")) else 0
     )
+    card = (clean / "README.md").read_text()  # the card and viewer beside the final dataset
+    assert "| instructions |" in card and "| pairs |" in card
+    if pairs:
+        assert (clean / "view.html").is_file()
+        ds = datasets.load_dataset(str(clean), cache_dir=str(tmp_path / "card"))
+        assert ds["train"].num_rows == pairs
     for fmt in ("trl", "magpie", "sharegpt"):
         if pairs:
             ds = datasets.load_dataset(
