@@ -118,8 +118,8 @@ def test_binding_setting_names_the_cap_that_rejected_most() -> None:
 
 def test_short_run_is_usable_and_continues_with_a_larger_budget(tmp_path: Path) -> None:
     out = tmp_path / "ins"
-    base = ["instructions", "--out", str(out), "--num", "3", "--max-tokens", "6", "-q"]
-    first = run_cli(*base, "--max-attempts", "1")  # one short generation: certainly short
+    base = ["instructions", "--out", str(out), "--num", "3", "-q"]
+    first = run_cli(*base, "--max-tokens", "6", "--max-attempts", "1")  # one short generation: certainly short
     assert first.returncode == 1, first.stderr
     assert "budget spent" in first.stderr and "rerun to continue" in first.stderr
     manifest = ShardStore(out).read_manifest()
@@ -128,11 +128,11 @@ def test_short_run_is_usable_and_continues_with_a_larger_budget(tmp_path: Path) 
     stats = run_cli("stats", "--in", str(out), "--json")
     assert stats.returncode == 0 and "is short" in stats.stderr, stats.stderr
     # a larger budget (attempts and token cap) continues the same dataset instead of a refusal
-    second = run_cli(*base[:-2], "--max-tokens", "8", "--max-attempts", "2")
+    second = run_cli(*base, "--max-tokens", "8", "--max-attempts", "2")
     assert "resumed" in second.stdout, second.stderr
     assert ShardStore(out).read_manifest()["attempts"] == 2
     # lowering a token cap would change committed rows: refused in one line, before any work
-    third = run_cli(*base, "--max-attempts", "3")
+    third = run_cli(*base, "--max-tokens", "6", "--max-attempts", "3")
     assert third.returncode == 2 and "lower cap" in third.stderr
     assert len(third.stderr.strip().splitlines()) == 1
 
