@@ -130,18 +130,18 @@ def friendly_errors(func: F) -> F:
 
 def error(message: str) -> None:
     """One error line on stderr; the text is printed as is (brackets included)."""
-    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False)
+    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
     """One warning line on stderr; the text is printed as is."""
-    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def note(message: str | None) -> None:
     """An informational line on stderr (e.g. which dataset an --in folder resolved to)."""
     if message:
-        err_console.print(f"note: {escape(message)}", highlight=False)
+        err_console.print(f"note: {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def resolve_in(source: Path) -> Path:

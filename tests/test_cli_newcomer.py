@@ -119,7 +119,9 @@ def test_binding_setting_names_the_cap_that_rejected_most() -> None:
 def test_short_run_is_usable_and_continues_with_a_larger_budget(tmp_path: Path) -> None:
     out = tmp_path / "ins"
     base = ["instructions", "--out", str(out), "--num", "3", "-q"]
-    first = run_cli(*base, "--max-tokens", "6", "--max-attempts", "1")  # one short generation: certainly short
+    first = run_cli(
+        *base, "--max-tokens", "6", "--max-attempts", "1"
+    )  # one short generation: certainly short
     assert first.returncode == 1, first.stderr
     assert "budget spent" in first.stderr and "rerun to continue" in first.stderr
     manifest = ShardStore(out).read_manifest()
@@ -389,10 +391,3 @@ def test_errors_name_the_flag(tmp_path: Path) -> None:
     src = _dataset(tmp_path / "ins", _sft())
     code, output = invoke("responses", "--in", str(src), "--n", "0")
     assert code == 2 and "invalid --n:" in output
-
-
-def test_tag_prints_no_loading_bar(tmp_path: Path) -> None:
-    src = _dataset(tmp_path / "ins", _sft(1))
-    result = run_cli("tag", "--in", str(src), "--tags", "neighbors", "-q")
-    assert result.returncode == 0, result.stderr
-    assert "Loading" not in result.stderr and "%|" not in result.stderr, result.stderr

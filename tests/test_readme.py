@@ -103,6 +103,7 @@ def test_readme_examples_run_in_order(tmp_path: Path) -> None:
     for line in readme_commands(README.read_text()):
         result = _run(line, tmp_path)
         assert result.returncode == 0, f"{line}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        assert "Loading weights" not in result.stderr, line  # no library progress bars
     # `magpie run` flags changed single recipe fields and kept the demo's others
     recipe = yaml.safe_load((tmp_path / "data/mine/recipe.yaml").read_text())
     assert recipe["responses"]["temperature"] == 0.7 and recipe["responses"]["n"] == 2
