@@ -31,7 +31,7 @@ from magpie.config import (
 from magpie.engines.base import ModelInfo, create_engine
 from magpie.errors import MagpieError
 from magpie.export import FORMATS
-from magpie.inputs import resolve_dataset
+from magpie.inputs import resolve_dataset, short_note
 from magpie.options import (
     ApiKeyEnvOpt,
     BaseUrlOpt,
@@ -148,6 +148,9 @@ def resolve_in(source: Path) -> Path:
     """The one dataset an --in path means (see magpie.inputs), saying so when it differs."""
     dataset, message = resolve_dataset(source)
     note(message)
+    short = short_note(dataset) if dataset.is_dir() else None
+    if short:
+        warn(short)
     return dataset
 
 

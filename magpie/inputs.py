@@ -55,16 +55,15 @@ def short_note(path: Path) -> str | None:
 def resolve_dataset(path: Path) -> tuple[Path, str | None]:
     """The one dataset `path` stands for, and a one-line note when that is not `path` itself.
 
-    Raises MagpieError for a folder holding several datasets.
+    Raises MagpieError for a folder holding several datasets. `short_note(dataset)` tells
+    whether the dataset it resolved to is short.
     """
     path = Path(path)
     if not path.is_dir() or _is_dataset(path):
-        return path, short_note(path) if path.is_dir() else None
+        return path, None
     if (path / "recipe.yaml").is_file() and _is_dataset(path / RUN_FINAL):
         final = path / RUN_FINAL
-        note = f"{path} is a `magpie run` output: reading its final dataset {final}"
-        extra = short_note(final)
-        return final, note if extra is None else f"{note}; {extra}"
+        return final, f"{path} is a `magpie run` output: reading its final dataset {final}"
     if any(p.suffix in {".parquet", ".jsonl", ".json"} for p in path.iterdir() if p.is_file()):
         return path, None
     datasets = _datasets_under(path)

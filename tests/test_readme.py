@@ -6,7 +6,7 @@ Every line of every ```bash block is run, except:
 
 MAGPIE_README_TINY (default 1) shrinks sizes so the whole walk fits the fast tier: `--num N`
 becomes `--num 2`, `--n N` becomes `--n 2`, and commands that sample responses get
-`--max-tokens 48` (multi-turn replies `--response-max-tokens` 160). MAGPIE_README_TINY=0 runs the
+`--max-tokens 32` (multi-turn replies `--response-max-tokens` 160). MAGPIE_README_TINY=0 runs the
 README at its written sizes (slow: tens of minutes on a CPU).
 """
 
@@ -28,7 +28,7 @@ README = REPO / "README.md"
 SKIP_MARKERS = ("# gpu", "# needs:")
 TINY = os.environ.get("MAGPIE_README_TINY", "1") != "0"
 TINY_SIZES = {"--num": "2", "--n": "2"}
-TINY_RESPONSE_TOKENS = "48"
+TINY_RESPONSE_TOKENS = "32"
 TINY_REPLY_TOKENS = "160"
 
 
@@ -70,7 +70,7 @@ def test_commands_are_parsed_and_shrunk() -> None:
     assert commands and all(c.split()[0] == "magpie" for c in commands), commands
     assert not any("make " in c or "PATH/" in c or "bench/" in c for c in commands)
     run = tiny(shlex.split("magpie run --out x", comments=True))
-    assert run == ["magpie", "run", "--out", "x", "--max-tokens", "48", "--num", "2", "--n", "2"]
+    assert run == ["magpie", "run", "--out", "x", "--max-tokens", "32", "--num", "2", "--n", "2"]
     assert tiny(["magpie", "instructions", "--num", "200"]) == [
         "magpie",
         "instructions",
@@ -88,6 +88,9 @@ def _run(line: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "COLUMNS": "200",
         "NO_COLOR": "1",
+        # one llama.cpp thread per process: on a shared, oversubscribed CPU two spinning threads
+        # are many times slower than one
+        "MAGPIE_N_THREADS": os.environ.get("MAGPIE_N_THREADS", "1"),
     }
     return subprocess.run(
         [sys.executable, "-m", "magpie", *argv[1:]],
@@ -101,6 +104,7 @@ def _run(line: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_readme_examples_run_in_order(tmp_path: Path) -> None:
     for line in readme_commands(README.read_text()):
+        print(line, flush=True)  # shown with -s: where a slow walk is
         result = _run(line, tmp_path)
         assert result.returncode == 0, f"{line}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         assert "Loading weights" not in result.stderr, line  # no library progress bars

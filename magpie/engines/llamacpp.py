@@ -74,7 +74,9 @@ class LlamaCppEngine:
                 self._llm = Llama(
                     model_path=str(path),
                     n_ctx=n_ctx,
-                    n_threads=n_threads or os.cpu_count(),
+                    n_threads=n_threads
+                    or int(os.environ.get("MAGPIE_N_THREADS") or 0)
+                    or os.cpu_count(),
                     n_batch=n_batch,
                     logits_all=logits_all,
                     vocab_only=vocab_only,
