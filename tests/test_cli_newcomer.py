@@ -116,7 +116,10 @@ def test_binding_setting_names_the_cap_that_rejected_most() -> None:
     assert "raise --max-attempts (now 32)" in binding_setting(summary, config)
 
 
-def test_short_run_is_usable_and_continues_with_a_larger_budget(tmp_path: Path) -> None:
+def test_short_run_is_usable_and_continues_with_a_larger_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAGPIE_N_THREADS", "1")  # fast on a shared CPU; rows do not depend on it
     out = tmp_path / "ins"
     base = ["instructions", "--out", str(out), "--num", "3", "-q"]
     first = run_cli(
