@@ -1,7 +1,9 @@
 """The README's shell examples run as written, in order, in one folder, on the bundled model.
 
 Every line of every ```bash block is run, except:
-- lines marked `# gpu` or `# needs: ...` (a GPU, or a model or file we cannot have offline);
+- lines marked `# gpu` or `# needs: ...` (a GPU, a model or file we cannot have offline, or more
+  CPU time than the fast tier has: multi-turn math replies run to hundreds of tokens, so that
+  example is covered by tests/test_instructions.py and tests/test_cli_newcomer.py instead);
 - `. .venv/bin/activate` / `source ...` (this test already runs inside the environment).
 
 MAGPIE_README_TINY (default 1) shrinks sizes so the whole walk fits the fast tier: `--num N`
