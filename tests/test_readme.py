@@ -8,9 +8,8 @@ Every line of every ```bash block is run, except:
 
 MAGPIE_README_TINY (default 1) shrinks sizes so the whole walk fits the fast tier: `--num N`
 becomes `--num 2`, `--n N` becomes `--n 2`, and commands that sample responses get
-`--max-tokens 32`; multi-turn synthesis becomes 1 conversation of 2 turns with 128-token
-queries and 256-token replies. MAGPIE_README_TINY=0 runs the
-README at its written sizes (slow: tens of minutes on a CPU).
+`--max-tokens 32`. MAGPIE_README_TINY=0 runs the README at its written sizes (slow: tens of
+minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ SKIP_MARKERS = ("# gpu", "# needs:")
 TINY = os.environ.get("MAGPIE_README_TINY", "1") != "0"
 TINY_SIZES = {"--num": "2", "--n": "2"}
 TINY_RESPONSE_TOKENS = "32"
-TINY_REPLY_TOKENS = "256"
 
 
 def readme_commands(text: str) -> list[str]:
@@ -61,13 +59,6 @@ def tiny(argv: list[str]) -> list[str]:
         out += ["--max-tokens", TINY_RESPONSE_TOKENS]
     if command == "run":
         for flag, value in TINY_SIZES.items():
-            if flag not in out:
-                out += [flag, value]
-    if command == "instructions" and "--turns" in out:
-        out[out.index("--turns") + 1] = "2"
-        if "--num" in out:
-            out[out.index("--num") + 1] = "1"
-        for flag, value in (("--max-tokens", "128"), ("--response-max-tokens", TINY_REPLY_TOKENS)):
             if flag not in out:
                 out += [flag, value]
     return out
