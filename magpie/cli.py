@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -22,13 +24,45 @@ from magpie.config import (
     ResponsesConfig,
     ScoreConfig,
     TagConfig,
+    deep_merge,
     describe_validation_error,
     load_yaml,
 )
-from magpie.engines.base import ModelInfo, create_engine, engine_names
+from magpie.engines.base import ModelInfo, create_engine
 from magpie.errors import MagpieError
+from magpie.export import FORMATS
+from magpie.inputs import resolve_dataset, short_note
+from magpie.options import (
+    ApiKeyEnvOpt,
+    BaseUrlOpt,
+    ChatTemplateOpt,
+    ConcurrencyOpt,
+    EngineOpt,
+    InOpt,
+    JudgeEngineOpt,
+    MaybeInOpt,
+    ModelOpt,
+    NOpt,
+    NThreadsOpt,
+    NumOpt,
+    OutOpt,
+    OverwriteOpt,
+    PreQueryOpt,
+    QuietOpt,
+    RewardModelOpt,
+    SeedOpt,
+    SystemOpt,
+    TemperatureOpt,
+    TokenizerOpt,
+    TopPOpt,
+    TrustRemoteCodeOpt,
+    default_out,
+)
 from magpie.runner import ProgressView, RunSummary
 from magpie.templates import ChatFormat, cross_check
+
+# Model loading bars of transformers / the hub would break into our own progress display.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 app = typer.Typer(
     name="magpie",
@@ -43,6 +77,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 FLAGS = {
     "num": "--num",
+    "n": "--n",
+    "repetition_penalty": "--repetition-penalty",
+    "min_margin": "--min-margin",
+    "reward_model": "--reward-model",
+    "judge_engine.name": "--judge-engine",
+    "batch_size": "--batch-size",
+    "max_length": "--max-length",
+    "dtype": "--dtype",
     "turns": "--turns",
     "temperature": "--temperature",
     "top_p": "--top-p",
@@ -72,10 +114,10 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except ValidationError as exc:
-            err_console.print(f"[red]error:[/] {describe_validation_error(exc, FLAGS)}")
+            error(describe_validation_error(exc, FLAGS))
             raise typer.Exit(2) from None
         except MagpieError as exc:
-            err_console.print(f"[red]error:[/] {exc}", highlight=False)
+            error(str(exc))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print(
@@ -84,6 +126,32 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def error(message: str) -> None:
+    """One error line on stderr; the text is printed as is (brackets included)."""
+    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr; the text is printed as is."""
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def note(message: str | None) -> None:
+    """An informational line on stderr (e.g. which dataset an --in folder resolved to)."""
+    if message:
+        err_console.print(f"note: {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def resolve_in(source: Path) -> Path:
+    """The one dataset an --in path means (see magpie.inputs), saying so when it differs."""
+    dataset, message = resolve_dataset(source)
+    note(message)
+    short = short_note(dataset) if dataset.is_dir() else None
+    if short:
+        warn(short)
+    return dataset
 
 
 def _version(value: bool) -> None:
@@ -101,51 +169,6 @@ def main(
     ] = False,
 ) -> None:
     """magpie-synth."""
-
-
-EngineOpt = Annotated[
-    str, typer.Option("--engine", "-e", help=f"Engine: {', '.join(engine_names())}.")
-]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--model", "-m", help="Model path (.gguf for llamacpp). Default: bundled SmolLM2."
-    ),
-]
-SystemOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--system-prompt",
-        help="System turn: text, a task preset (math, code, translation, reasoning, creative), "
-        "or 'none' to strip the template's default. Default: what the template renders.",
-    ),
-]
-PreQueryOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--pre-query-template",
-        help="Override the derived template: a family name (llama-3, qwen2.5, gemma-2, phi-3, "
-        "mistral, vicuna, chatml, ...) or a literal string.",
-    ),
-]
-BaseUrlOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1 (--engine openai)."
-    ),
-]
-ApiKeyEnvOpt = Annotated[
-    str, typer.Option(help="Environment variable that holds the server's API key (never saved).")
-]
-ConcurrencyOpt = Annotated[int, typer.Option(help="Requests in flight (--engine openai).")]
-TokenizerOpt = Annotated[
-    str | None,
-    typer.Option(help="Local HF tokenizer dir: the chat template for a server (--engine openai)."),
-]
-ChatTemplateOpt = Annotated[
-    Path | None,
-    typer.Option("--chat-template", help="Jinja chat template file to derive from."),
-]
 
 
 def _model_info(engine_name: str, model: str | None) -> ModelInfo:
@@ -197,14 +220,14 @@ def template(
     if as_json:
         out_console.print_json(json.dumps({**fmt.to_dict(), "model": info.model_id, "note": note}))
         return
-    table = Table(title=f"Magpie chat format of {info.model_id}", show_lines=True)
+    table = Table(title=Text(f"Magpie chat format of {info.model_id}"), show_lines=True)
     table.add_column("part")
     table.add_column("value")
     for key, value in fmt.to_dict().items():
-        table.add_row(key, repr(value) if isinstance(value, str) else str(value))
+        table.add_row(key, Text(repr(value) if isinstance(value, str) else str(value)))
     out_console.print(table)
     if note:
-        out_console.print(f"[yellow]note:[/] {note}")
+        out_console.print(f"[yellow]note:[/] {escape(note)}")
 
 
 @app.command()
@@ -213,35 +236,43 @@ def instructions(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")] = Path(
         "data/instructions"
     ),
-    num: Annotated[int, typer.Option(help="Accepted instructions to produce.")] = 200,
+    num: NumOpt = 200,
     engine: EngineOpt = "llamacpp",
     model: ModelOpt = None,
     turns: Annotated[int, typer.Option(help="User turns per conversation (multi-turn).")] = 1,
     system_prompt: SystemOpt = None,
     pre_query_template: PreQueryOpt = None,
     chat_template: ChatTemplateOpt = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="Max new tokens of an instruction.")] = 256,
+    temperature: TemperatureOpt = 1.0,
+    top_p: TopPOpt = 1.0,
+    max_tokens: Annotated[
+        int, typer.Option(help="Max new tokens of an instruction (a budget: may grow on resume).")
+    ] = 256,
     response_temperature: Annotated[
         float, typer.Option(help="Temperature of the replies between turns (multi-turn).")
     ] = 0.0,
     response_max_tokens: Annotated[
-        int, typer.Option(help="Max new tokens of a reply between turns (multi-turn).")
+        int,
+        typer.Option(
+            help="Max new tokens of a reply between turns (a budget: may grow on resume)."
+        ),
     ] = 1024,
     min_chars: Annotated[int, typer.Option(help="Reject shorter instructions.")] = 8,
     max_attempts: Annotated[
-        int | None, typer.Option(help="Generation budget (default 4 x num + 16).")
+        int | None,
+        typer.Option(
+            help="Generation budget (default 4 x num + 16); raise it and rerun to continue."
+        ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Run seed; row seeds derive from it.")] = 0,
+    seed: SeedOpt = 0,
     shard_size: Annotated[int, typer.Option(help="Attempts per committed shard.")] = 64,
-    n_threads: Annotated[int | None, typer.Option(help="CPU threads (llamacpp).")] = None,
+    n_threads: NThreadsOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
     concurrency: ConcurrencyOpt = 8,
     tokenizer: TokenizerOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset in --out.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Synthesize instructions: the model writes user queries from its pre-query template.
 
@@ -274,26 +305,22 @@ def instructions(
         summary, fmt = pipeline.instructions(config, out, view, overwrite)
     print_summary(summary, fmt)
     if not summary.complete:
-        err_console.print(
-            f"[yellow]warning:[/] only {summary.rows} of {config.num} rows after "
-            f"{summary.attempts} attempts: raise --max-attempts, or loosen --min-chars"
+        warn(
+            f"only {summary.rows} of {config.num} rows after {summary.attempts} attempts "
+            f"(budget spent); {pipeline.binding_setting(summary, config)}. The short dataset is "
+            "usable as it is."
         )
         raise typer.Exit(1)
-
-
-InOpt = Annotated[Path, typer.Option("--in", "-i", help="Input dataset directory or file.")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing dataset in --out.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 @app.command()
 @friendly_errors
 def responses(
     source: InOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
-    n: Annotated[int, typer.Option("--n", help="Responses per instruction (1 = SFT shape).")] = 5,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 1.0,
+    out: OutOpt = None,
+    n: NOpt = 5,
+    temperature: TemperatureOpt = 0.8,
+    top_p: TopPOpt = 1.0,
     repetition_penalty: Annotated[float, typer.Option(help="Repetition penalty.")] = 1.0,
     max_tokens: Annotated[int, typer.Option(help="Max new tokens of a response.")] = 2048,
     engine: EngineOpt = "llamacpp",
@@ -301,9 +328,9 @@ def responses(
     system_prompt: SystemOpt = None,
     pre_query_template: PreQueryOpt = None,
     chat_template: ChatTemplateOpt = None,
-    seed: Annotated[int, typer.Option(help="Run seed; row seeds derive from it and the uuid.")] = 0,
+    seed: SeedOpt = 0,
     shard_size: Annotated[int, typer.Option(help="Instructions per committed shard.")] = 16,
-    n_threads: Annotated[int | None, typer.Option(help="CPU threads (llamacpp).")] = None,
+    n_threads: NThreadsOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
     concurrency: ConcurrencyOpt = 8,
@@ -333,7 +360,9 @@ def responses(
     )
     view = ProgressView(err_console, enabled=not quiet)
     with view.shown():
-        summary = pipeline.responses(config, source, out, view, overwrite)
+        summary = pipeline.responses(
+            config, resolve_in(source), out or default_out(source, "responses"), view, overwrite
+        )
     print_summary(summary)
 
 
@@ -341,21 +370,10 @@ def responses(
 @friendly_errors
 def score(
     source: InOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
-    reward_model: Annotated[
-        str,
-        typer.Option(
-            help="Reward model: a local HF directory or hub id in the local cache "
-            "(sequence classification, e.g. Skywork-Reward, ArmoRM), or 'judge' / "
-            "'judge:MODEL' for an LLM judge (on --judge-engine)."
-        ),
-    ] = "judge",
-    trust_remote_code: Annotated[
-        bool, typer.Option(help="Allow model code shipped with the reward model (ArmoRM).")
-    ] = False,
-    judge_engine: Annotated[
-        str, typer.Option(help="Engine of a judge: llamacpp (judge:MODEL.gguf), vllm, openai.")
-    ] = "llamacpp",
+    out: OutOpt = None,
+    reward_model: RewardModelOpt = "judge",
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    judge_engine: JudgeEngineOpt = "llamacpp",
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
     concurrency: ConcurrencyOpt = 8,
@@ -368,21 +386,25 @@ def score(
     quiet: QuietOpt = False,
 ) -> None:
     """Score every response with a reward model or an LLM judge."""
-    config = ScoreConfig(
-        reward_model=reward_model,
-        judge_engine={
-            "name": judge_engine,
-            "options": _engine_options(None, base_url, api_key_env, concurrency, tokenizer),
-        },
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
-        batch_size=batch_size,
-        max_length=max_length,
-        shard_size=shard_size,
+    config = ScoreConfig.model_validate(
+        {
+            "reward_model": reward_model,
+            "judge_engine": {
+                "name": judge_engine,
+                "options": _engine_options(None, base_url, api_key_env, concurrency, tokenizer),
+            },
+            "trust_remote_code": trust_remote_code,
+            "dtype": dtype,
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "shard_size": shard_size,
+        }
     )
     view = ProgressView(err_console, enabled=not quiet)
     with view.shown():
-        summary = pipeline.score(config, source, out, view, overwrite)
+        summary = pipeline.score(
+            config, resolve_in(source), out or default_out(source, "scored"), view, overwrite
+        )
     print_summary(summary)
 
 
@@ -390,7 +412,7 @@ def score(
 @friendly_errors
 def pairs(
     source: InOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
+    out: OutOpt = None,
     min_margin: Annotated[float, typer.Option(help="Set aside pairs below this margin.")] = 0.0,
     drop_truncated: Annotated[
         bool, typer.Option(help="Never pick responses cut at max tokens.")
@@ -399,10 +421,14 @@ def pairs(
     quiet: QuietOpt = False,
 ) -> None:
     """Chosen = highest reward, rejected = lowest; other rows are set aside with a reason."""
-    config = PairsConfig(min_margin=min_margin, drop_truncated=drop_truncated)
+    config = PairsConfig.model_validate(
+        {"min_margin": min_margin, "drop_truncated": drop_truncated}
+    )
     view = ProgressView(err_console, enabled=not quiet)
     with view.shown():
-        summary = pipeline.pairs(config, source, out, view, overwrite)
+        summary = pipeline.pairs(
+            config, resolve_in(source), out or default_out(source, "pairs"), view, overwrite
+        )
     print_summary(summary)
 
 
@@ -410,22 +436,40 @@ def pairs(
 @friendly_errors
 def export(
     source: InOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    out: OutOpt = None,
     fmt: Annotated[
-        str, typer.Option("--format", "-f", help="magpie, trl, sharegpt, openai or jsonl.")
+        str,
+        typer.Option(
+            "--format", "-f", help=f"{', '.join(FORMATS)} (see the README for what each keeps)."
+        ),
     ] = "trl",
+    all_responses: Annotated[
+        bool,
+        typer.Option(
+            help="openai/sharegpt: one row per response instead of the first (SFT data), and "
+            "OpenAI preference rows (input, preferred_output, non_preferred_output) for DPO data."
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Write a dataset in the published Magpie schema, TRL, ShareGPT, OpenAI or JSONL format."""
-    report = pipeline.export(source, out, fmt, overwrite)
-    out_console.print(report.summary())
+    """Write a dataset in the published Magpie schema, TRL, ShareGPT, OpenAI or JSONL format.
+
+    Prints what the format keeps and counts anything it leaves out.
+    """
+    out = out or default_out(source, fmt)
+    report = pipeline.export(resolve_in(source), out, fmt, overwrite, all_responses=all_responses)
+    out_console.print(Text(report.summary()))
+    if not quiet:
+        for line in report.notes():
+            out_console.print(Text(f"  {line}"))
 
 
 @app.command()
 @friendly_errors
 def tag(
     source: InOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
+    out: OutOpt = None,
     tags: Annotated[
         str,
         typer.Option(
@@ -449,7 +493,7 @@ def tag(
     reward_model: Annotated[
         str | None, typer.Option(help="Reward model of the reward tag (HF path or 'judge').")
     ] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow custom model code.")] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     embedding_model: Annotated[
         str | None, typer.Option(help="sentence-transformers model. Default: all-MiniLM-L6-v2.")
     ] = None,
@@ -457,7 +501,7 @@ def tag(
         float, typer.Option(help="Squared L2 distance under which rows count as repeats.")
     ] = 0.15,
     index: Annotated[str, typer.Option(help="k-NN index: auto, flat, ivf or hnsw.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of the judge's retries.")] = 0,
+    seed: SeedOpt = 0,
     shard_size: Annotated[int, typer.Option(help="Rows per committed shard.")] = 16,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -485,7 +529,9 @@ def tag(
     )
     view = ProgressView(err_console, enabled=not quiet)
     with view.shown():
-        summary = pipeline.tag(config, source, out, view, overwrite)
+        summary = pipeline.tag(
+            config, resolve_in(source), out or default_out(source, "tagged"), view, overwrite
+        )
     print_summary(summary)
 
 
@@ -493,7 +539,7 @@ def tag(
 @friendly_errors
 def filter_rows(
     source: InOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
+    out: OutOpt = None,
     where: Annotated[
         str | None, typer.Option(help="SQL boolean expression over the columns (DuckDB).")
     ] = None,
@@ -507,6 +553,7 @@ def filter_rows(
         list[str] | None, typer.Option(help="Preset parameter KEY=VALUE (e.g. min_margin=0.1).")
     ] = None,
     overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Keep the rows that match --where and every --preset; print what each condition removed."""
     from magpie.filters import filter_dataset, render_filter_report
@@ -517,20 +564,27 @@ def filter_rows(
         if not sep:
             raise MagpieError(f"--param {item!r} is not KEY=VALUE: write e.g. min_margin=0.1")
         params[key.strip()] = value.strip()
-    report = filter_dataset(source, out, where, preset or [], params, overwrite)
-    render_filter_report(report, out_console)
+    out = out or default_out(source, "filtered")
+    report = filter_dataset(resolve_in(source), out, where, preset or [], params, overwrite)
+    if not quiet:
+        render_filter_report(report, out_console)
+    else:
+        out_console.print(Text(report.summary()))
 
 
 @app.command()
 @friendly_errors
 def stats(
-    source: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    path: Annotated[
+        Path | None, typer.Argument(help="Dataset (same as --in).", show_default=False)
+    ] = None,
+    source: MaybeInOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Distributions of a dataset's tags, lengths and rewards."""
     from magpie.stats import dataset_stats, render_stats
 
-    result = dataset_stats(source)
+    result = dataset_stats(resolve_in(_one_dataset("stats", path, source)))
     if as_json:
         out_console.print_json(json.dumps(result.as_dict(), default=str))
     else:
@@ -574,26 +628,47 @@ def doctor(
 @app.command()
 @friendly_errors
 def card(
-    source: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="Dataset or run folder (same as --in).", show_default=False),
+    ] = None,
+    source: MaybeInOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Card file. Default: DATASET/README.md.")
     ] = None,
     plots: Annotated[bool, typer.Option(help="Draw PNG plots into plots/ beside the card.")] = True,
 ) -> None:
     """Write a Hugging Face dataset card: YAML header, how it was made, distributions, plots."""
-    out_console.print(pipeline.card(source, out, plots=plots).summary())
+    given = _one_dataset("card", path, source)
+    out_console.print(Text(pipeline.card(given, out, plots=plots).summary()))
 
 
 @app.command("view")
 @friendly_errors
 def view_rows(
-    source: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    path: Annotated[
+        Path | None,
+        typer.Argument(help="Dataset or run folder (same as --in).", show_default=False),
+    ] = None,
+    source: MaybeInOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="HTML file. Default: DATASET/view.html.")
     ] = None,
 ) -> None:
     """Write one self-contained HTML page to browse, filter and search the rows offline."""
-    out_console.print(pipeline.view(source, out).summary())
+    given = _one_dataset("view", path, source)
+    out_console.print(Text(pipeline.view(given, out).summary()))
+
+
+def _one_dataset(command: str, path: Path | None, source: Path | None) -> Path:
+    """The dataset a command got as its argument or --in (not both), with its resolution noted."""
+    if (path is None) == (source is None):
+        raise MagpieError(f"{command} needs one dataset: pass --in DIR (or DIR as the argument)")
+    given = path or source
+    assert given is not None
+    if given.exists():
+        resolve_in(given)
+    return given
 
 
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
@@ -623,37 +698,62 @@ def run_recipe(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")] = None,
     engine: Annotated[str | None, typer.Option("--engine", "-e", help="Engine name.")] = None,
     model: ModelOpt = None,
-    reward_model: Annotated[str | None, typer.Option(help="Reward model or 'judge'.")] = None,
+    system_prompt: SystemOpt = None,
     n: Annotated[int | None, typer.Option("--n", help="Responses per instruction.")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sampling temperature of the responses.")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens of a response.")] = None,
+    reward_model: Annotated[str | None, typer.Option(help="Reward model or 'judge'.")] = None,
+    trust_remote_code: Annotated[
+        bool | None,
+        typer.Option(
+            "--trust-remote-code/--no-trust-remote-code",
+            help="Allow model code shipped with the reward model (ArmoRM).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed; row seeds derive from it.")] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """The DPO recipe end to end: instructions, responses, rewards, pairs, exports.
 
     With no arguments it builds a small DPO dataset on the bundled model (a few CPU minutes).
-    Rerun the same command after an interruption to resume.
+    Flags override single fields of the recipe; the rest of it is kept. Rerun the same command
+    after an interruption to resume.
     """
     data = load_yaml(recipe) if recipe is not None else {}
-    overrides = {"num": num, "out": str(out) if out else None}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    if engine is not None or model is not None:
-        spec = dict(data.get("engine") or {})
-        spec.update({k: v for k, v in {"name": engine, "model": model}.items() if v is not None})
-        data["engine"] = spec
-    if reward_model is not None:
-        data["score"] = {**(data.get("score") or {}), "reward_model": reward_model}
-    if n is not None:
-        data["responses"] = {**(data.get("responses") or {}), "n": n}
+    overrides = {
+        "num": num,
+        "out": str(out) if out else None,
+        "seed": seed,
+        "engine": {"name": engine, "model": model},
+        "template": {"system_prompt": system_prompt},
+        "responses": {"n": n, "temperature": temperature, "max_tokens": max_tokens},
+        "score": {"reward_model": reward_model, "trust_remote_code": trust_remote_code},
+    }
     resolved = Recipe.model_validate(data)
+    resolved = Recipe.model_validate(deep_merge(resolved.model_dump(mode="json"), overrides))
     view = ProgressView(err_console, enabled=not quiet)
     with view.shown():
         summaries = pipeline.run_recipe(resolved, view, overwrite)
     for name in ("instructions", "responses", "score", "pairs"):
         print_summary(summaries[name])
     for report in summaries["export"]:
-        out_console.print(report.summary())
+        out_console.print(Text(report.summary()))
     for report in summaries["reports"]:
-        out_console.print(report.summary())
+        out_console.print(Text(report.summary()))
+    ins = summaries["instructions"]
+    if not ins.complete:
+        warn(
+            f"only {ins.rows} of {resolved.num} instructions (budget spent); the later stages "
+            "used them. "
+            + pipeline.binding_setting(ins, resolved.instructions_config())
+            .replace("--", "instructions.")
+            .replace("-", "_")
+            + " (in the recipe)"
+        )
 
 
 def _engine_options(
@@ -683,8 +783,8 @@ def _template(
 
 
 def print_summary(summary: RunSummary, fmt: ChatFormat | None = None) -> None:
-    """The one-screen summary at the end of a run."""
-    table = Table(title=f"{summary.stage} → {summary.out}", show_header=False)
+    """The one-screen summary at the end of a run (paths and texts printed as they are)."""
+    table = Table(title=Text(f"{summary.stage} → {summary.out}"), show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("rows", f"{summary.rows} ({summary.new_rows} new, {summary.shards} shards)")
@@ -696,16 +796,17 @@ def print_summary(summary: RunSummary, fmt: ChatFormat | None = None) -> None:
     else:
         table.add_row("input rows", str(summary.input_rows))
         label = "set aside / flagged"
-    rejected = sum(summary.rejections.values())
-    detail = ", ".join(f"{k} {v}" for k, v in sorted(summary.rejections.items()))
-    table.add_row(label, f"{rejected}" + (f" ({detail})" if detail else ""))
-    table.add_row("tokens generated", str(summary.tokens))
+    counts = {k: v for k, v in sorted(summary.rejections.items()) if v}
+    detail = ", ".join(f"{k} {v}" for k, v in counts.items())
+    if counts or summary.stage == "instructions":
+        table.add_row(label, Text(f"{sum(counts.values())}" + (f" ({detail})" if detail else "")))
+    if summary.tokens:
+        table.add_row("tokens generated", str(summary.tokens))
     seconds = max(summary.seconds, 1e-9)
-    table.add_row(
-        "speed (this run)",
-        f"{summary.new_rows / seconds:.2f} rows/s, {summary.new_tokens / seconds:.0f} tokens/s, "
-        f"{summary.seconds:.1f} s",
-    )
+    speed = f"{summary.new_rows / seconds:.2f} rows/s, "
+    if summary.new_tokens:
+        speed += f"{summary.new_tokens / seconds:.0f} tokens/s, "
+    table.add_row("speed (this run)", f"{speed}{summary.seconds:.1f} s")
     if fmt is not None:
-        table.add_row("pre-query template", repr(fmt.pre_query))
+        table.add_row("pre-query template", Text(repr(fmt.pre_query)))
     out_console.print(table)

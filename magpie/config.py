@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import (
@@ -60,6 +61,26 @@ class TemplateSpec(_Strict):
         description="text, a task preset (math, code, ...), or 'none'; None = template default",
     )
 
+    @field_validator("system_prompt")
+    @classmethod
+    def _near_preset(cls, value: str | None) -> str | None:
+        """A one-word value one edit away from a preset name is a typo, not a system prompt."""
+        from magpie.templates import NO_SYSTEM, TASK_PRESETS
+
+        if value is None or any(c.isspace() for c in value.strip()):
+            return value
+        names = [*TASK_PRESETS, NO_SYSTEM]
+        key = value.strip().lower()
+        if key in names:
+            return value
+        near = [n for n in names if _edit_distance(key, n) == 1]
+        if near:
+            raise ValueError(
+                f"{value!r} is not a preset; did you mean {near[0]!r}? (presets: "
+                f"{', '.join(names)}; literal system prompt text is anything with a space)"
+            )
+        return value
+
     @field_validator("chat_template")
     @classmethod
     def _readable_template(cls, value: str | None) -> str | None:
@@ -69,7 +90,13 @@ class TemplateSpec(_Strict):
 
 
 class InstructionsConfig(_Strict):
-    """`magpie instructions`: Magpie instruction synthesis."""
+    """`magpie instructions`: Magpie instruction synthesis.
+
+    Budgets (`BUDGET_FIELDS`) bound how long generation runs, not what an attempt produces: they
+    stay out of the config hash, so a short run can be continued with a larger budget.
+    """
+
+    BUDGET_FIELDS: ClassVar[tuple[str, ...]] = ("max_attempts", "max_tokens", "response_max_tokens")
 
     engine: EngineSpec = Field(default_factory=EngineSpec)
     template: TemplateSpec = Field(default_factory=TemplateSpec)
@@ -220,9 +247,44 @@ def _section(model: type[_Strict], name: str, shared: dict[str, Any], own: dict[
 
 
 def config_hash(config: BaseModel) -> str:
-    """Stable hash of a resolved configuration: equal hashes mean the same rows."""
-    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    """Stable hash of a resolved configuration: equal hashes mean the same rows.
+
+    A config's `BUDGET_FIELDS` (attempt and token budgets) are left out: raising them continues
+    a dataset instead of starting another.
+    """
+    budgets = getattr(config, "BUDGET_FIELDS", ())
+    text = json.dumps(config.model_dump(mode="json", exclude=set(budgets)), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with the non-None values of `overrides` set field by field (nested dicts merged)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            inner = merged.get(key)
+            merged[key] = deep_merge(inner if isinstance(inner, dict) else {}, value)
+            if not merged[key] and not inner:
+                merged.pop(key)
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (small strings only)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def did_you_mean(value: str, choices: list[str]) -> str:
+    """`; did you mean 'x'?` for the nearest choice, or "" when none is close."""
+    near = get_close_matches(value.lower(), choices, n=1, cutoff=0.6)
+    return f"; did you mean {near[0]!r}?" if near else ""
 
 
 def describe_validation_error(exc: ValidationError, flags: dict[str, str] | None = None) -> str:

@@ -3,12 +3,20 @@
 :func:`to_format` is pure (a table in, a table out); :func:`export_dataset` converts a directory
 of Parquet shards into ``out_dir`` with atomic writes (temp name, fsync, ``os.replace``).
 
-- ``magpie``: the published Magpie DPO schema, column for column (missing ones as typed nulls).
+- ``magpie``: the published Magpie DPO schema, column for column (missing ones as typed nulls);
+  scores go to ``rewards_<scorer>`` (``rewards_armorm`` for ArmoRM, ``rewards_judge`` for the
+  LLM judge, any other reward model under its own short name after the schema's columns).
 - ``trl``: ``prompt`` / ``chosen`` / ``rejected`` in TRL's conversational preference format.
 - ``sharegpt``: ``conversations`` of ``{from, value}`` (plus ``chosen``/``rejected`` for DPO).
 - ``openai``: ``messages`` of ``{role, content}`` (OpenAI chat fine-tuning; DPO: the chosen
-  conversation).
+  conversation, the rejected reply is counted as left out).
+- ``openai-preference``: OpenAI preference fine-tuning rows ``input: {messages}``,
+  ``preferred_output`` and ``non_preferred_output`` (DPO data only; nothing of the pair is lost).
 - ``jsonl``: the input rows unchanged, written as JSON lines to ``data.jsonl``.
+
+Multi-response SFT rows (``responses`` with several entries) give one conversation with the
+first response in ``sharegpt``/``openai``; ``all_responses=True`` writes one row per response.
+Every export reports what its format keeps and counts what it left out.
 
 A non-null ``system_prompt`` column value becomes a leading system message in every chat format.
 """
@@ -19,6 +27,7 @@ import base64
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +38,19 @@ import pyarrow.parquet as pq
 
 from magpie import __version__
 from magpie.errors import MagpieError
-from magpie.schema import CHAT_MESSAGE, MAGPIE_DPO_COLUMNS, SHAREGPT_MESSAGE
+from magpie.schema import CHAT_MESSAGE, MAGPIE_DPO_COLUMNS, REWARD_SCORE, SHAREGPT_MESSAGE
+from magpie.stages.base import dialogue
 from magpie.store import fsync_dir
 
-FORMATS = ("magpie", "trl", "sharegpt", "openai", "jsonl")
+FORMATS = ("magpie", "trl", "sharegpt", "openai", "openai-preference", "jsonl")
+KEEPS = {
+    "magpie": "the published Magpie DPO columns",
+    "trl": "prompt, chosen and rejected conversations",
+    "sharegpt": "the conversation (DPO: the prompt turns plus chosen and rejected)",
+    "openai": "one chat conversation per row (DPO: the chosen one)",
+    "openai-preference": "input messages, preferred and non-preferred output",
+    "jsonl": "every column of every row",
+}
 JSONL_NAME = "data.jsonl"
 MANIFEST_PATH = Path(".magpie") / "export.json"  # hidden: `datasets` skips dot-directories
 _TMP_PREFIX = ".tmp-"
@@ -48,6 +66,18 @@ _TO_OPENAI = {v: k for k, v in _TO_SHAREGPT.items()}
 
 Message = dict[str, str]
 
+MORE_RESPONSES = "responses beyond the first (--all-responses writes one row per response)"
+REJECTED_REPLIES = "rejected replies (--format openai-preference keeps each pair)"
+UNPAIRED = "responses neither chosen nor rejected (--format jsonl keeps them)"
+
+
+@dataclass
+class _Options:
+    """Per-export choices and the tally of what was left out."""
+
+    all_responses: bool = False
+    left_out: Counter[str] = field(default_factory=Counter)
+
 
 class ExportError(MagpieError):
     """A table or directory that cannot be exported as asked (one-line message)."""
@@ -62,14 +92,35 @@ class ExportReport:
     out_dir: Path
     source_files: int = 0
     rows: int = 0
+    input_rows: int = 0
     files: list[Path] = field(default_factory=list)
+    left_out: Counter[str] = field(default_factory=Counter)
+    dropped_columns: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line for the CLI."""
+        rows = f"{self.rows} rows" + (
+            f" (from {self.input_rows} input rows)" if self.input_rows != self.rows else ""
+        )
         return (
-            f"exported {self.rows} rows from {self.source_files} shard(s) as {self.fmt} "
+            f"exported {rows} from {self.source_files} shard(s) as {self.fmt} "
             f"to {self.out_dir} ({len(self.files)} file(s))"
         )
+
+    def notes(self) -> list[str]:
+        """What the format keeps and what it left out, one line each."""
+        lines = [f"{self.fmt} keeps {KEEPS[self.fmt]}"]
+        for what, count in sorted(self.left_out.items()):
+            lines.append(f"left out: {count} {what}")
+        if self.dropped_columns:
+            names = ", ".join(self.dropped_columns[:8])
+            more = (
+                f" and {len(self.dropped_columns) - 8} more"
+                if len(self.dropped_columns) > 8
+                else ""
+            )
+            lines.append(f"left out: columns {names}{more} (--format jsonl keeps every column)")
+        return lines
 
 
 # ----------------------------------------------------------------------------- row helpers
@@ -136,6 +187,37 @@ def _sft_messages(row: dict[str, Any], i: int) -> list[Message]:
     return _system(row) + [user, {"role": "assistant", "content": response}]
 
 
+def _sft_rows(row: dict[str, Any], i: int, opts: _Options) -> list[list[Message]]:
+    """The conversations an SFT row exports: its first response, or each with all_responses."""
+    responses = [r for r in row.get("responses") or [] if r and r.strip()]
+    if len(responses) <= 1 or not row.get("instruction"):
+        return [_sft_messages(row, i)]
+    if not opts.all_responses:
+        opts.left_out[MORE_RESPONSES] += len(responses) - 1
+        responses = responses[:1]
+    history, user = dialogue(row)
+    earlier = [
+        message
+        for u, r in history
+        for message in ({"role": "user", "content": u}, {"role": "assistant", "content": r})
+    ]
+    return [
+        _system(row)
+        + earlier
+        + [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": response},
+        ]
+        for response in responses
+    ]
+
+
+def _count_unpaired(row: dict[str, Any], opts: _Options) -> None:
+    extra = len([r for r in row.get("responses") or [] if r is not None]) - 2
+    if extra > 0:
+        opts.left_out[UNPAIRED] += extra
+
+
 def _is_dpo(table: pa.Table) -> bool:
     names = table.column_names
     if "chosen" not in names or "rejected" not in names:
@@ -159,11 +241,12 @@ def _content_role(msg: Message) -> dict[str, str]:
 # ----------------------------------------------------------------------------- converters
 
 
-def _to_trl(table: pa.Table) -> pa.Table:
+def _to_trl(table: pa.Table, opts: _Options) -> pa.Table:
     if not _is_dpo(table):
         raise ExportError("trl export needs 'chosen'/'rejected' columns; run `magpie pairs` first")
     prompts, chosen, rejected = [], [], []
     for i, row in enumerate(table.to_pylist()):
+        _count_unpaired(row, opts)
         prompt, good, bad = _split_pair(row, i)
         prompts.append([_content_role(m) for m in prompt])
         chosen.append([_content_role(good)])
@@ -177,14 +260,19 @@ def _to_trl(table: pa.Table) -> pa.Table:
     )
 
 
-def _to_sharegpt(table: pa.Table) -> pa.Table:
+def _to_sharegpt(table: pa.Table, opts: _Options) -> pa.Table:
     turns = pa.list_(SHAREGPT_MESSAGE)
     rows = table.to_pylist()
     if not _is_dpo(table):
-        convs = [[_sharegpt_turn(m) for m in _sft_messages(r, i)] for i, r in enumerate(rows)]
+        convs = [
+            [_sharegpt_turn(m) for m in conv]
+            for i, r in enumerate(rows)
+            for conv in _sft_rows(r, i, opts)
+        ]
         return pa.table({"conversations": pa.array(convs, type=turns)})
     convs, chosen, rejected = [], [], []
     for i, row in enumerate(rows):
+        _count_unpaired(row, opts)
         prompt, good, bad = _split_pair(row, i)
         convs.append([_sharegpt_turn(m) for m in prompt])
         chosen.append(_sharegpt_turn(good))
@@ -198,23 +286,48 @@ def _to_sharegpt(table: pa.Table) -> pa.Table:
     )
 
 
-def _to_openai(table: pa.Table) -> pa.Table:
+def _to_openai(table: pa.Table, opts: _Options) -> pa.Table:
     dpo = _is_dpo(table)
     messages = []
     for i, row in enumerate(table.to_pylist()):
         if dpo:
+            _count_unpaired(row, opts)
             prompt, good, _ = _split_pair(row, i)
-            msgs = [*prompt, good]
+            opts.left_out[REJECTED_REPLIES] += 1
+            messages.append([_openai_msg(m) for m in [*prompt, good]])
         else:
-            msgs = _sft_messages(row, i)
-        messages.append([_openai_msg(m) for m in msgs])
+            messages.extend([_openai_msg(m) for m in conv] for conv in _sft_rows(row, i, opts))
     return pa.table({"messages": pa.array(messages, type=pa.list_(OPENAI_MESSAGE))})
+
+
+def _to_openai_preference(table: pa.Table, opts: _Options) -> pa.Table:
+    """OpenAI preference fine-tuning: input messages, preferred and non-preferred output."""
+    if not _is_dpo(table):
+        raise ExportError(
+            "openai-preference export needs 'chosen'/'rejected' columns; run `magpie pairs` "
+            "first (or use --format openai for SFT data)"
+        )
+    inputs, preferred, other = [], [], []
+    for i, row in enumerate(table.to_pylist()):
+        _count_unpaired(row, opts)
+        prompt, good, bad = _split_pair(row, i)
+        inputs.append({"messages": [_openai_msg(m) for m in prompt]})
+        preferred.append([_openai_msg(good)])
+        other.append([_openai_msg(bad)])
+    messages = pa.list_(OPENAI_MESSAGE)
+    return pa.table(
+        {
+            "input": pa.array(inputs, type=pa.struct([("messages", messages)])),
+            "preferred_output": pa.array(preferred, type=messages),
+            "non_preferred_output": pa.array(other, type=messages),
+        }
+    )
 
 
 def _scores_from_rewards(rewards: pa.ChunkedArray) -> pa.Array:
     """``list<double>`` rewards as ``list<struct<score: double>>``."""
     values = [None if row is None else [{"score": s} for s in row] for row in rewards.to_pylist()]
-    return pa.array(values, type=MAGPIE_DPO_COLUMNS["rewards_armorm"])
+    return pa.array(values, type=pa.list_(REWARD_SCORE))
 
 
 def _cast_or_keep(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
@@ -229,34 +342,63 @@ def _cast_or_keep(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArr
         return column
 
 
-def _to_magpie(table: pa.Table) -> pa.Table:
+def _score_columns(table: pa.Table) -> list[str]:
+    """The ``rewards_<scorer>`` columns the score stage wrote (judge, armorm, skywork_..)."""
+    return [n for n in table.column_names if n.startswith("rewards_")]
+
+
+def _to_magpie(table: pa.Table, opts: _Options) -> pa.Table:
+    """The published schema; each scorer's scores stay under its own ``rewards_<name>`` column.
+
+    Only ArmoRM's scores fill ``rewards_armorm``; a plain ``rewards`` list with no named column
+    beside it (older data) is taken as ArmoRM's, as the published data has it.
+    """
     columns: dict[str, pa.ChunkedArray | pa.Array] = {}
+    named = _score_columns(table)
     for name, dtype in MAGPIE_DPO_COLUMNS.items():
         if name in table.column_names:
             columns[name] = _cast_or_keep(table.column(name), dtype)
-        elif name == "rewards_armorm" and "rewards" in table.column_names:
+        elif name == "rewards_armorm" and "rewards" in table.column_names and not named:
             columns[name] = _scores_from_rewards(table.column("rewards"))
         else:
             columns[name] = pa.nulls(table.num_rows, type=dtype)
+    for name in named:
+        if name not in columns:
+            columns[name] = table.column(name)
     return pa.table(columns)
 
 
-_CONVERTERS: dict[str, Callable[[pa.Table], pa.Table]] = {
+_CONVERTERS: dict[str, Callable[[pa.Table, _Options], pa.Table]] = {
     "magpie": _to_magpie,
     "trl": _to_trl,
     "sharegpt": _to_sharegpt,
     "openai": _to_openai,
-    "jsonl": lambda table: table,
+    "openai-preference": _to_openai_preference,
+    "jsonl": lambda table, _opts: table,
 }
 
 
-def to_format(table: pa.Table, fmt: str) -> pa.Table:
-    """Convert ``table`` to export format ``fmt`` (one of :data:`FORMATS`)."""
+def to_format(
+    table: pa.Table,
+    fmt: str,
+    *,
+    all_responses: bool = False,
+    left_out: Counter[str] | None = None,
+) -> pa.Table:
+    """Convert ``table`` to export format ``fmt`` (one of :data:`FORMATS`).
+
+    ``all_responses``: one row per response for multi-response SFT rows. What the conversion
+    leaves out is added to ``left_out`` (what -> count) when given.
+    """
     try:
         convert = _CONVERTERS[fmt]
     except KeyError:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}") from None
-    return convert(table)
+    opts = _Options(all_responses=all_responses)
+    out = convert(table, opts)
+    if left_out is not None:
+        left_out.update(opts.left_out)
+    return out
 
 
 # ----------------------------------------------------------------------------- files
@@ -306,6 +448,8 @@ def _write_manifest(report: ExportReport) -> None:
         "source": str(report.src_dir.resolve()),
         "source_files": report.source_files,
         "rows": report.rows,
+        "input_rows": report.input_rows,
+        "left_out": dict(report.left_out),
         "files": [p.name for p in report.files],
         "package_version": __version__,
     }
@@ -347,13 +491,16 @@ def _export_jsonl(files: list[Path], out: Path, report: ExportReport) -> None:
             table = to_format(pq.read_table(path), "jsonl")
             f.writelines(_json_lines(table))
             report.rows += table.num_rows
+            report.input_rows += table.num_rows
         f.flush()
         os.fsync(f.fileno())
     _commit(tmp, final)
     report.files.append(final)
 
 
-def _export_parquet(files: list[Path], out: Path, fmt: str, report: ExportReport) -> None:
+def _export_parquet(
+    files: list[Path], out: Path, fmt: str, report: ExportReport, all_responses: bool = False
+) -> None:
     """One output shard per non-empty source shard (``datasets`` cannot read empty Parquet).
 
     Each shard is written and fsynced under a temp name; once the count is known each is renamed
@@ -361,8 +508,17 @@ def _export_parquet(files: list[Path], out: Path, fmt: str, report: ExportReport
     so the schema survives.
     """
     staged: list[Path] = []
+    dropped: dict[str, None] = {}
     for i, path in enumerate(files):
-        table = to_format(pq.read_table(path), fmt)
+        source = pq.read_table(path)
+        report.input_rows += source.num_rows
+        table = to_format(source, fmt, all_responses=all_responses, left_out=report.left_out)
+        if fmt == "magpie":
+            dropped.update(
+                dict.fromkeys(
+                    c for c in source.column_names if c not in table.schema.names and c != "rewards"
+                )
+            )
         if table.num_rows == 0 and (staged or i < len(files) - 1):
             continue
         tmp = out / f"{_TMP_PREFIX}{len(staged):05d}.parquet"
@@ -374,10 +530,15 @@ def _export_parquet(files: list[Path], out: Path, fmt: str, report: ExportReport
         os.replace(tmp, target)
         report.files.append(target)
     fsync_dir(out)
+    report.dropped_columns = list(dropped)
 
 
 def export_dataset(
-    src_dir: str | Path, out_dir: str | Path, fmt: str, overwrite: bool = False
+    src_dir: str | Path,
+    out_dir: str | Path,
+    fmt: str,
+    overwrite: bool = False,
+    all_responses: bool = False,
 ) -> ExportReport:
     """Convert every ``*.parquet`` shard of ``src_dir`` (by name) to ``fmt`` in ``out_dir``.
 
@@ -396,7 +557,7 @@ def export_dataset(
         if fmt == "jsonl":
             _export_jsonl(files, out, report)
         else:
-            _export_parquet(files, out, fmt, report)
+            _export_parquet(files, out, fmt, report, all_responses)
     finally:  # a failed export leaves no half-written temp files behind
         for tmp in out.glob(f"{_TMP_PREFIX}*"):
             tmp.unlink(missing_ok=True)

@@ -91,6 +91,8 @@ def load_input(path: Path) -> tuple[pa.Table, str]:
     manifest = _complete_manifest(path)
     if manifest is not None:
         table, identity = ShardStore(path).read_all(), manifest["config_hash"]
+        if manifest.get("short"):  # a short dataset can grow: its rows are part of its identity
+            identity = f"{identity}+{table.num_rows}"
     else:
         table = _read_files(path)
         identity = hashlib.sha256(_ipc_bytes(table)).hexdigest()[:16]
@@ -149,12 +151,15 @@ def instructions(
     from magpie.stages.instructions import InstructionStage
 
     ShardStore(out).check_writable()
+    _check_budgets(out, config, overwrite)
     with _engine_or(engine, config) as llm:
         fmt = resolve_format(llm.info, config.template)
         if config.turns > 1:
             fmt.require_assistant_prefix()
         extra = {"model_id": llm.info.model_id, "chat_format": fmt.to_dict()}
         store = _open_store(out, "instructions", config, extra, "", overwrite)
+        if (store.read_manifest() or {}).get("short"):  # growing again: not usable until done
+            store.update_manifest(complete=False)
         stage = InstructionStage(llm, fmt, config, llm.info.model_id)
         summary = run_source(
             stage,
@@ -164,7 +169,59 @@ def instructions(
             config.attempt_budget(),
             view.stage("instructions", config.num),
         )
+    _mark_short(store, summary, config)
     return summary, fmt
+
+
+# The setting that binds when most rejections have this reason (flag, config field).
+_BINDING = {
+    "truncated": ("--max-tokens", "max_tokens"),
+    "reply_truncated": ("--response-max-tokens", "response_max_tokens"),
+    "reply_empty": ("--response-max-tokens", "response_max_tokens"),
+    "too_short": ("--min-chars", "min_chars"),
+}
+
+
+def binding_setting(summary: RunSummary, config: InstructionsConfig) -> str:
+    """What to change when a budget ran out: the setting behind most rejections, named."""
+    common = summary.rejections.most_common(1)
+    total = sum(summary.rejections.values())
+    if common and common[0][0] in _BINDING and common[0][1] * 2 >= total:
+        reason, count = common[0]
+        flag, name = _BINDING[reason]
+        verb = "lower" if name == "min_chars" else "raise"
+        return (
+            f"{count} of {total} rejections were {reason}: {verb} {flag} "
+            f"(now {getattr(config, name)}) or --max-attempts, and rerun to continue"
+        )
+    return f"raise --max-attempts (now {config.attempt_budget()}) and rerun to continue"
+
+
+def _mark_short(store: ShardStore, summary: RunSummary, config: InstructionsConfig) -> None:
+    """A run that spent its budget is a finished, short dataset: usable downstream, resumable."""
+    caps = {"max_tokens": config.max_tokens, "response_max_tokens": config.response_max_tokens}
+    if summary.complete:
+        store.update_manifest(short=None, token_caps=caps)
+        return
+    store.update_manifest(
+        token_caps=caps,
+        complete=True,
+        short={"rows": summary.rows, "wanted": config.num, "fix": binding_setting(summary, config)},
+    )
+
+
+def _check_budgets(out: Path, config: InstructionsConfig, overwrite: bool) -> None:
+    """Token caps may grow on resume (accepted rows stay valid), never shrink."""
+    manifest = None if overwrite else ShardStore(out).read_manifest()
+    manifest = manifest or {}
+    earlier = manifest.get("token_caps") or manifest.get("config", {}).get("config") or {}
+    for name in ("max_tokens", "response_max_tokens"):
+        before = earlier.get(name)
+        if before is not None and getattr(config, name) < before:
+            raise MagpieError(
+                f"{out} was made with {name.replace('_', '-')} {before}: a lower cap would change "
+                "its committed rows; use the same or a higher value, another --out, or --overwrite"
+            )
 
 
 def responses(
@@ -317,12 +374,14 @@ def _neighbor_columns(table: pa.Table, config: TagConfig, view: ProgressView) ->
     )
 
 
-def export(source: Path, out: Path, fmt: str, overwrite: bool = False) -> Any:
-    """Write `source` in an export format (magpie, trl, sharegpt, openai, jsonl)."""
+def export(
+    source: Path, out: Path, fmt: str, overwrite: bool = False, all_responses: bool = False
+) -> Any:
+    """Write `source` in an export format (see magpie.export.FORMATS)."""
     from magpie.export import export_dataset
 
     _complete_manifest(source)  # refuses incomplete datasets with a clear message
-    return export_dataset(source, out, fmt, overwrite=overwrite)
+    return export_dataset(source, out, fmt, overwrite=overwrite, all_responses=all_responses)
 
 
 @contextmanager
@@ -351,9 +410,12 @@ def run_recipe(recipe: Recipe, view: ProgressView, overwrite: bool = False) -> d
         summaries["instructions"], _ = instructions(
             ins_cfg, out / "instructions", view, overwrite, engine=llm
         )
-        if not summaries["instructions"].complete:
+        if summaries["instructions"].rows == 0:  # a short run goes on; an empty one cannot
             raise MagpieError(
-                "too few instructions were accepted: raise instructions.max_attempts in the recipe"
+                "no instruction was accepted: "
+                + binding_setting(summaries["instructions"], ins_cfg)
+                .replace("--", "instructions.")
+                .replace("-", "_")
             )
         shared = llm if res_cfg.engine == ins_cfg.engine else None
         summaries["responses"] = responses(
@@ -373,7 +435,9 @@ def run_recipe(recipe: Recipe, view: ProgressView, overwrite: bool = False) -> d
 
 def report_dataset(path: Path) -> Path:
     """The dataset directory `magpie card` / `magpie view` read from the path they were given."""
-    return path  # lead: switch to magpie.inputs.resolve_dataset(path) (issue 12 item 4)
+    from magpie.inputs import resolve_dataset
+
+    return resolve_dataset(path)[0]
 
 
 def _beside(source: Path, name: str) -> Path:

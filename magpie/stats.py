@@ -137,12 +137,14 @@ def _repeats(
 ) -> RepeatStats | None:
     if "repeat_count" not in types:
         return None
-    ((repeated,),) = con.sql('SELECT count_if("repeat_count" > 0) FROM source').fetchall()
+    ((repeated,),) = con.sql(
+        'SELECT coalesce(count_if("repeat_count" > 0), 0) FROM source'
+    ).fetchall()
     stats = RepeatStats(repeated, repeated / rows if rows else 0.0)
     if "min_similar_uuid" in types and "uuid" in types:
         ((dups,),) = con.sql(
-            'SELECT count_if("min_similar_uuid" IS NOT NULL AND "min_similar_uuid" <> "uuid") '
-            "FROM source"
+            "SELECT coalesce(count_if("
+            '"min_similar_uuid" IS NOT NULL AND "min_similar_uuid" <> "uuid"), 0) FROM source'
         ).fetchall()
         stats.duplicates, stats.duplicates_share = dups, dups / rows if rows else 0.0
     return stats

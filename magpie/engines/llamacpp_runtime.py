@@ -98,6 +98,12 @@ RUNTIMES: dict[str, LlamaRuntime] = {
 }
 
 
+def default_threads() -> int:
+    """Threads for llama.cpp: $MAGPIE_N_THREADS, else every core. (On a machine busy with other
+    work, fewer threads than cores is much faster: llama.cpp's threads wait for each other.)"""
+    return int(os.environ.get("MAGPIE_N_THREADS") or 0) or os.cpu_count() or 1
+
+
 # ---- facts --------------------------------------------------------------------------------
 def cpu_facts() -> dict[str, Any]:
     """Model name and the SIMD/AMX flags that decide which kernels llama.cpp runs."""
@@ -227,7 +233,7 @@ def _probe_child(name: str, model_path: str) -> None:
     sequences = 2 if runtime.max_batch_tokens > 1 else 1  # one-token batches hold one sequence
     params.n_ctx, params.n_seq_max = 256, sequences
     params.n_batch = params.n_ubatch = runtime.llama_kwargs.get("n_batch", 64)
-    params.n_threads = params.n_threads_batch = os.cpu_count() or 1
+    params.n_threads = params.n_threads_batch = default_threads()
     ctx = llama_cpp.llama_init_from_model(model, params)
     text = b"The quick brown fox jumps over the lazy dog while the cat sleeps in the sun."
     buffer = (llama_cpp.llama_token * 64)()

@@ -16,9 +16,12 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Sequence
+from difflib import get_close_matches
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 from magpie.errors import MagpieError
 
@@ -309,7 +312,55 @@ def _resolve_source(model_id: str) -> tuple[str, bool]:
         return str(path), True
     if _looks_like_path(model_id):
         raise RewardModelError(f"reward model path not found: {model_id}")
+    if not _in_hub_cache(model_id) and not hub_reachable():
+        raise RewardModelError(
+            f"reward model {model_id!r} is not a local path, not in the local hub cache, and the "
+            f"hub is not reachable (offline){_suggest(model_id)}"
+        )
     return model_id, False
+
+
+KEYWORDS = ("judge",)
+"""Reward-model values that are not models: the LLM judge (`judge`, `judge:MODEL`)."""
+
+
+def _suggest(value: str) -> str:
+    """'; did you mean ...?' for a value near a keyword or a known reward model."""
+    names = {k: k for k in KEYWORDS}
+    near = get_close_matches(value.lower(), list(names), n=1, cutoff=0.6)
+    if near:
+        return f"; did you mean {names[near[0]]!r}?"
+    return "; pass a local model directory, or a hub id once online"
+
+
+def _in_hub_cache(model_id: str) -> bool:
+    """Whether the hub cache already holds this repository's config.json."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except Exception:  # an id the hub client rejects is simply not cached
+        return False
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """False when the hub is switched off (HF_HUB_OFFLINE) or cannot be reached: no retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return False
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return False
+    except ImportError:
+        pass
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _read_config_dict(source: str, local: bool, model_id: str) -> dict[str, Any]:
