@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from magpie import __version__, pipeline
+from magpie import __version__, pipeline, signals
 from magpie.config import (
     InstructionsConfig,
     PairsConfig,
@@ -26,6 +26,7 @@ from magpie.config import (
 )
 from magpie.engines.base import ModelInfo, create_engine, engine_names
 from magpie.errors import MagpieError
+from magpie.locking import release_all as release_all_locks
 from magpie.runner import ProgressView, RunSummary
 from magpie.templates import ChatFormat, cross_check
 
@@ -68,6 +69,7 @@ def friendly_errors(func: F) -> F:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        signals.install()
         try:
             return func(*args, **kwargs)
         except ValidationError as exc:
@@ -76,11 +78,12 @@ def friendly_errors(func: F) -> F:
         except MagpieError as exc:
             err_console.print(f"[red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print(
-                "interrupted: committed shards are kept; rerun the same command to resume"
-            )
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM through magpie.signals
+            signals.quiet()
+            err_console.print(signals.INTERRUPTED_LINE, highlight=False)
+            raise typer.Exit(signals.exit_code(exc)) from None
+        finally:
+            release_all_locks()
 
     return wrapper  # type: ignore[return-value]
 
@@ -532,6 +535,23 @@ def stats(
         out_console.print_json(json.dumps(result.as_dict(), default=str))
     else:
         render_stats(result, out_console)
+
+
+@app.command()
+@friendly_errors
+def verify(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory (or a `magpie run` output).")],
+    repair: Annotated[
+        bool, typer.Option(help="Move broken shards into .magpie/broken/ so a rerun redoes them.")
+    ] = False,
+) -> None:
+    """Check every shard against its recorded rows, shard number and config, and the manifest."""
+    from magpie.verify import render_report, verify_path
+
+    report = verify_path(dataset, repair_it=repair)
+    render_report(report, out_console)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
