@@ -50,8 +50,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _command_line() -> str:
-    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else []
-    return " ".join(argv)[:300]
+    if not sys.argv:
+        return "python"
+    name = Path(sys.argv[0]).name
+    if name in ("__main__.py", "magpie"):  # `python -m magpie` or the console script
+        name = "magpie"
+    return " ".join([name, *sys.argv[1:]])[:300]
 
 
 def describe_holder(holder: dict[str, Any]) -> str:

@@ -111,12 +111,24 @@ def require_columns(table: pa.Table, path: Path, columns: list[str]) -> None:
             raise MagpieError(f"input {path} has no '{column}' column (columns: {have}): {fix}")
 
 
+def refuse_damaged(path: Path) -> None:
+    """An input dataset of ours with a broken, foreign or missing shard is not read."""
+    problems = ShardStore(path).check()
+    if problems:
+        first = problems[0]
+        raise MagpieError(
+            f"input {first.path} {first.what}: run `magpie verify {path} --repair`, then rerun "
+            "the command that wrote it"
+        )
+
+
 def load_input(path: Path) -> tuple[pa.Table, str]:
     """Rows of a dataset directory (ours or any Parquet/JSONL) and a hash that identifies them."""
     if not path.exists():
         raise MagpieError(f"input {path} does not exist: pass --in with a dataset directory")
     manifest = _complete_manifest(path)
     if manifest is not None:
+        refuse_damaged(path)
         table, identity = ShardStore(path).read_all(), manifest["config_hash"]
     else:
         table = _read_files(path)
@@ -419,7 +431,8 @@ def export(source: Path, out: Path, fmt: str, overwrite: bool = False) -> Any:
     """Write `source` in an export format (magpie, trl, sharegpt, openai, jsonl)."""
     from magpie.export import export_dataset
 
-    _complete_manifest(source)  # refuses incomplete datasets with a clear message
+    if _complete_manifest(source) is not None:  # refuses incomplete datasets
+        refuse_damaged(source)
     return export_dataset(source, out, fmt, overwrite=overwrite)
 
 

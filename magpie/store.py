@@ -234,11 +234,11 @@ def clear_for_overwrite(root: Path) -> None:
         )
 
 
-def prepare_output_dir(out: Path, overwrite: bool, what: str = "--out") -> None:
+def prepare_output_dir(out: Path, overwrite: bool, what: str = "--out", lock: bool = False) -> None:
     """Make `out` ready for a command that writes whole files (export, card, view).
 
     Missing or empty: created. Ours: refused unless `overwrite`, which removes only our files.
-    Foreign: always refused.
+    Foreign: always refused. `lock` holds the directory's write lock until the command ends.
     """
     refuse_foreign(out, what)
     kind = classify(out)
@@ -248,7 +248,8 @@ def prepare_output_dir(out: Path, overwrite: bool, what: str = "--out") -> None:
             "or pick another directory"
         )
     out.mkdir(parents=True, exist_ok=True)
-    locking.acquire(out)
+    if lock or kind in ("dataset", "run"):
+        locking.acquire(out)
     if kind in ("dataset", "run"):
         clear_for_overwrite(out)
 
@@ -278,7 +279,8 @@ class Problem:
     path: Path
     what: str
     shard: int | None = None
-    gap: bool = False
+    gap: bool = False  # a shard index missing between committed ones: the executor redoes it
+    recount: bool = False  # manifest counts off: a resumed run recounts them
 
     def line(self) -> str:
         return f"{self.path}: {self.what}"
@@ -329,7 +331,7 @@ class ShardStore:
                 f"`magpie verify {self.root} --repair` to rebuild it, or pass --overwrite"
             )
         if manifest is not None:
-            problems = [p for p in self.check() if not p.gap]
+            problems = [p for p in self.check() if not (p.gap or p.recount)]
             if problems:
                 raise MagpieError(
                     f"{problems[0].path} {problems[0].what} ({len(problems)} problem(s)): run "

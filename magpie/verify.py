@@ -140,6 +140,7 @@ def check_store(store: ShardStore, deep: bool = False) -> list[Problem]:
             Problem(
                 store.meta_dir / "manifest.json",
                 f"counts {manifest.get('rows')} rows, the shards hold {rows}",
+                recount=True,
             )
         )
     return problems
@@ -200,7 +201,7 @@ def repair(store: ShardStore, problems: list[Problem]) -> list[str]:
         if problem.gap:
             continue
         if problem.path == manifest_path:
-            if "counts" in problem.what:
+            if problem.recount:
                 store.update_manifest(complete=False)
                 done.append(f"marked {manifest_path} incomplete: the next run recounts")
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -27,7 +28,36 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, run_cli
 
-INS = ["--num", "3", "--shard-size", "1", "--max-tokens", "96", "-q"]
+WORDS = [
+    "river",
+    "stone",
+    "garden",
+    "lamp",
+    "violin",
+    "orbit",
+    "maple",
+    "copper",
+    "harbor",
+    "lantern",
+    "meadow",
+    "prism",
+]
+
+
+def instructions_jsonl(path: Path, rows: int, big_last: bool = False) -> Path:
+    """Instructions to tag; with `big_last` the last one is long, so its shard is the biggest."""
+    rng = random.Random(rows)
+    texts = [f"Please explain question {i} about {WORDS[i % len(WORDS)]}s." for i in range(rows)]
+    if big_last:
+        texts[-1] = " ".join(rng.choice(WORDS) + str(rng.randrange(10**6)) for _ in range(3000))
+    path.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in texts))
+    return path
+
+
+def tag_args(source: Path, out: Path) -> list[str]:
+    """A model-free stage with one committed shard per row: `tag --tags language`."""
+    return ["tag", "--in", str(source), "--out", str(out), "--tags", "language",
+            "--shard-size", "1", "-q"]  # fmt: skip
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -40,12 +70,11 @@ def digest(root: Path) -> dict[str, str]:
 
 
 def parts(root: Path) -> list[Path]:
-    """The committed shards that hold rows (one attempt per shard: some shards are empty)."""
     return sorted(root.glob("part-*.parquet"))
 
 
 def rows_of(root: Path) -> list[dict]:
-    return sorted(pq.read_table(root).to_pylist(), key=lambda r: r["attempt"])
+    return pq.read_table(root).to_pylist()
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -55,25 +84,30 @@ def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> s
     lines = [x for x in result.stderr.splitlines() if x.strip()]
     errors = [x for x in lines if x.startswith("error:")]
     assert len(errors) == 1, result.stderr
-    joined = " ".join(lines)  # rich may wrap a long line at the terminal width
+    joined = " ".join(x.strip() for x in lines)  # rich may wrap a long line at the width
     for needle in needles:
         assert needle in joined, result.stderr
     return errors[0]
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory) -> Path:
-    """A finished `magpie instructions` dataset of 3 one-row shards (copied by each test)."""
-    out = tmp_path_factory.mktemp("made") / "ins"
-    result = run_cli("instructions", "--out", str(out), *INS)
+def source(tmp_path_factory) -> Path:
+    return instructions_jsonl(tmp_path_factory.mktemp("src") / "in.jsonl", 4, big_last=True)
+
+
+@pytest.fixture(scope="module")
+def made(source: Path) -> Path:
+    """A finished 4-shard dataset (copied by each test that damages it)."""
+    out = source.parent / "tagged"
+    result = run_cli(*tag_args(source, out))
     assert result.returncode == 0, result.stderr
-    assert pq.read_table(out).num_rows == 3 and len(parts(out)) == 3
+    assert len(parts(out)) == 4
     return out
 
 
 @pytest.fixture
 def copy(made: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "ins"
+    out = tmp_path / "tagged"
     shutil.copytree(made, out)
     return out
 
@@ -161,20 +195,20 @@ def _wait_for_shard(proc: subprocess.Popen[str], out: Path, more_than: int = 0) 
         time.sleep(0.05)
 
 
-SLOW = ["--num", "40", "--shard-size", "1", "--max-tokens", "96", "-q"]
-
-
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow), (signal.SIGTERM, 143)],
+)
 def test_second_writer_is_refused_and_a_signal_stops_cleanly(
     signum: int, code: int, tmp_path: Path
 ) -> None:
-    out = tmp_path / "ins"
-    args = ["instructions", "--out", str(out), *SLOW]
+    out = tmp_path / "tagged"
+    args = tag_args(instructions_jsonl(tmp_path / "many.jsonl", 2000), out)
     proc = _start(args)
     try:
         _wait_for_shard(proc, out)
         second = run_cli(*args)
-        one_line_error(second, f"being written by pid {proc.pid}", "magpie instructions")
+        one_line_error(second, f"being written by pid {proc.pid}", "(magpie tag --in")
         os.kill(proc.pid, signum)
         _stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -184,26 +218,29 @@ def test_second_writer_is_refused_and_a_signal_stops_cleanly(
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # no temp file left
     assert (out / ".magpie" / "lock").read_text() == ""  # released
     committed = {k: v for k, v in digest(out).items() if k.startswith("part-")}
-    assert committed
-    # the rerun (a smaller target is another config, so finish the same command) keeps them
+    # the same command resumes after them and never rewrites them
     resumed = _start(args)
     try:
         _wait_for_shard(resumed, out, len(committed))
         resumed.send_signal(signal.SIGTERM)
-        resumed.communicate(timeout=120)
+        _stdout, stderr = resumed.communicate(timeout=120)
     finally:
         resumed.kill()
+    assert resumed.returncode == 143, stderr
     after = digest(out)
     assert all(after[name] == sha for name, sha in committed.items())
+    assert len(parts(out)) > len(committed)
 
 
-def test_a_killed_run_leaves_a_stale_lock_that_is_taken_over(copy: Path, made: Path) -> None:
+def test_a_killed_run_leaves_a_stale_lock_that_is_taken_over(
+    copy: Path, made: Path, source: Path
+) -> None:
     parts(copy)[-1].unlink()
     lock = copy / ".magpie" / "lock"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": 0}))
-    result = run_cli("instructions", "--out", str(copy), *INS)
+    result = run_cli(*tag_args(source, copy))
     assert result.returncode == 0, result.stderr
     assert f"taking over the stale lock of {copy} left by pid {dead.pid}" in result.stderr
     assert rows_of(copy) == rows_of(made)
@@ -212,27 +249,31 @@ def test_a_killed_run_leaves_a_stale_lock_that_is_taken_over(copy: Path, made: P
 # ---- 3. damaged datasets ----------------------------------------------------------------------
 
 
-def test_truncated_shard_is_named_then_verify_repair_redoes_only_it(copy: Path, made: Path) -> None:
+def test_truncated_shard_is_named_then_verify_repair_redoes_only_it(
+    copy: Path, source: Path, made: Path
+) -> None:
     *kept, shard = parts(copy)
     shard.write_bytes(shard.read_bytes()[:200])
     keep = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in kept}
     before = digest(copy)
-    result = run_cli("instructions", "--out", str(copy), *INS)
+    result = run_cli(*tag_args(source, copy))
     one_line_error(result, f"{shard.name} is truncated", f"magpie verify {copy} --repair")
     assert digest(copy) == before
+    export = run_cli("export", "--in", str(copy), "--out", str(copy.parent / "x"))
+    one_line_error(export, f"{shard.name} is truncated", "--repair")
     check = run_cli("verify", str(copy))
     assert check.returncode == 1 and f"{shard.name}: is truncated" in check.stdout, check.stdout
     fixed = run_cli("verify", str(copy), "--repair")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert (copy / ".magpie" / "broken" / shard.name).stat().st_size == 200
-    rerun = run_cli("instructions", "--out", str(copy), *INS)
+    rerun = run_cli(*tag_args(source, copy))
     assert rerun.returncode == 0, rerun.stderr
     assert rows_of(copy) == rows_of(made)
     assert all(digest(copy)[name] == sha for name, sha in keep.items())
     assert run_cli("verify", str(copy)).returncode == 0
 
 
-def test_shard_of_another_configuration_is_named(copy: Path) -> None:
+def test_shard_of_another_configuration_is_named(copy: Path, source: Path) -> None:
     shard = parts(copy)[1]
     table = pq.read_table(shard)
     meta = dict(table.schema.metadata)
@@ -240,35 +281,37 @@ def test_shard_of_another_configuration_is_named(copy: Path) -> None:
     meta[b"magpie"] = json.dumps({**info, "config_hash": "0123456789abcdef"}).encode()
     pq.write_table(table.replace_schema_metadata(meta), shard)
     before = digest(copy)
-    result = run_cli("instructions", "--out", str(copy), *INS)
+    result = run_cli(*tag_args(source, copy))
     one_line_error(result, f"{shard.name} belongs to another configuration", "verify")
     assert digest(copy) == before
 
 
-def test_unparseable_manifest_is_named_and_rebuilt_by_repair(copy: Path, made: Path) -> None:
+def test_unparseable_manifest_is_named_and_rebuilt_by_repair(
+    copy: Path, source: Path, made: Path
+) -> None:
     manifest = copy / ".magpie" / "manifest.json"
-    manifest.write_text('{"stage": "instructions", "config_ha')
+    manifest.write_text('{"stage": "tag", "config_ha')
     before = digest(copy)
-    result = run_cli("instructions", "--out", str(copy), *INS)
+    result = run_cli(*tag_args(source, copy))
     one_line_error(result, "manifest.json does not parse", "--repair")
     assert digest(copy) == before
     export = run_cli("export", "--in", str(copy), "--out", str(copy.parent / "x"))
     one_line_error(export, "manifest.json does not parse")
     fixed = run_cli("verify", str(copy), "--repair")
     assert fixed.returncode == 0 and "rebuilt" in fixed.stdout, fixed.stdout + fixed.stderr
-    rerun = run_cli("instructions", "--out", str(copy), *INS)
+    rerun = run_cli(*tag_args(source, copy))
     assert rerun.returncode == 0, rerun.stderr
     assert rows_of(copy) == rows_of(made)
     assert json.loads(manifest.read_text())["complete"] is True
 
 
-def test_missing_middle_shard_is_detected_or_redone(copy: Path, made: Path) -> None:
+def test_missing_middle_shard_is_detected_or_redone(copy: Path, source: Path, made: Path) -> None:
     middle = parts(copy)[1]
     middle.unlink()
     before = digest(copy)
     check = run_cli("verify", str(copy))
     assert check.returncode == 1 and f"{middle.name}: is missing" in check.stdout, check.stdout
-    result = run_cli("instructions", "--out", str(copy), *INS)
+    result = run_cli(*tag_args(source, copy))
     if result.returncode == 0:  # an executor that redoes gaps
         assert rows_of(copy) == rows_of(made)
     else:
@@ -279,7 +322,7 @@ def test_missing_middle_shard_is_detected_or_redone(copy: Path, made: Path) -> N
 # ---- 4. disk full ----------------------------------------------------------------------------
 
 
-def test_disk_full_during_a_commit_keeps_the_earlier_shards(copy: Path) -> None:
+def test_disk_full_during_a_commit_keeps_the_earlier_shards(copy: Path, source: Path) -> None:
     last = parts(copy)[-1]
     limit = last.stat().st_size - 1
     assert (copy / ".magpie" / "config.yaml").stat().st_size < limit, "limit too small"
@@ -291,7 +334,7 @@ def test_disk_full_during_a_commit_keeps_the_earlier_shards(copy: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     result = subprocess.run(
-        [sys.executable, "-m", "magpie", "instructions", "--out", str(copy), *INS],
+        [sys.executable, "-m", "magpie", *tag_args(source, copy)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -436,11 +479,17 @@ SERVER = ["--engine", "openai", "--pre-query-template", "chatml", "--num", "2", 
 
 def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{_free_port()}/v1"
-    result = run_cli("instructions", "--base-url", url, *SERVER, "--out", str(tmp_path / "o"))
+    recipe = {  # a recipe reaches engine options the flags do not: no retries, so it is quick
+        "num": 2,
+        "engine": {"name": "openai", "model": "m", "options": {"base_url": url, "max_retries": 0}},
+        "template": {"pre_query_template": "chatml"},
+    }
+    path = _write(tmp_path / "recipe.yaml", json.dumps(recipe).encode())
+    result = run_cli("run", str(path), "--out", str(tmp_path / "run"), "-q")
     one_line_error(result, f"{url}/models")
 
 
-def test_malformed_json_from_the_server_is_one_line(garbage_server: str, copy: Path) -> None:
-    out = copy.parent / "srv"
+def test_malformed_json_from_the_server_is_one_line(garbage_server: str, tmp_path: Path) -> None:
+    out = tmp_path / "srv"
     result = run_cli("instructions", "--base-url", garbage_server, *SERVER, "--out", str(out))
     one_line_error(result, f"{garbage_server}/completions")
