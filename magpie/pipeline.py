@@ -431,6 +431,7 @@ def export(source: Path, out: Path, fmt: str, overwrite: bool = False) -> Any:
     """Write `source` in an export format (magpie, trl, sharegpt, openai, jsonl)."""
     from magpie.export import export_dataset
 
+    refuse_overlap(source, out)
     if _complete_manifest(source) is not None:  # refuses incomplete datasets
         refuse_damaged(source)
     return export_dataset(source, out, fmt, overwrite=overwrite)

@@ -10,6 +10,7 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +30,12 @@ from magpie.store import (
 from magpie.verify import verify_path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _release_locks() -> Iterator[None]:
+    yield
+    locking.release_all()
 
 
 def _rows(start: int, n: int) -> pa.Table:
@@ -102,6 +109,7 @@ def test_run_output_overwrite_clears_stage_dirs_and_keeps_the_rest(tmp_path: Pat
     make_dataset(run / "instructions")
     prepare_output_dir(run / "export" / "trl", overwrite=False)
     (run / "export" / "trl" / "train-00000-of-00001.parquet").write_bytes(b"x")
+    (run / "export" / "trl" / ".magpie").mkdir()
     (run / "export" / "trl" / ".magpie" / "export.json").write_text("{}")
     (run / "instructions" / "keep.txt").write_text("user file")
     (run / "README.md").write_text("card")
@@ -180,8 +188,9 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path: Path, capfd) -> Non
 
 def test_locks_are_reentrant_in_one_process(tmp_path: Path) -> None:
     with locking.locked(tmp_path / "d") as first, locking.locked(tmp_path / "d") as second:
-        assert first is second
-    assert not locking._HELD
+        assert first is second and first.path in locking._HELD
+    assert first.path not in locking._HELD
+    assert locking.holder_of(tmp_path / "d") is None
 
 
 # ---- temp files, disk full -------------------------------------------------------------------
