@@ -69,7 +69,7 @@ def friendly_errors(func: F) -> F:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        signals.install()
+        handlers = signals.install()
         try:
             return func(*args, **kwargs)
         except ValidationError as exc:
@@ -84,6 +84,7 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(signals.exit_code(exc)) from None
         finally:
             release_all_locks()
+            signals.restore(handlers)
 
     return wrapper  # type: ignore[return-value]
 

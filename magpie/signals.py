@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 INTERRUPTED_LINE = "interrupted: resume with the same command (committed shards are kept)"
 
@@ -26,12 +27,24 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise Terminated()
 
 
-def install() -> None:
-    """Route SIGINT and SIGTERM to exceptions (main thread only; a no-op elsewhere)."""
+Handlers = tuple[Any, Any]
+
+
+def install() -> Handlers | None:
+    """Route SIGINT and SIGTERM to exceptions (main thread only); return the previous handlers."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return None
+    previous = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    return previous
+
+
+def restore(previous: Handlers | None) -> None:
+    """Put back the handlers `install` replaced (for commands run inside another program)."""
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
 
 
 def quiet() -> None:

@@ -10,6 +10,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -322,3 +323,21 @@ def test_reads_do_not_wait_for_the_writer(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_sigterm_becomes_an_interrupt_with_exit_status_143() -> None:
+    import signal
+
+    from magpie import signals
+
+    previous = signals.install()
+    try:
+        with pytest.raises(signals.Terminated) as caught:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this returns
+        assert isinstance(caught.value, KeyboardInterrupt)
+        assert signals.exit_code(caught.value) == 143
+        assert signals.exit_code(KeyboardInterrupt()) == 130
+    finally:
+        signals.restore(previous)
+    assert signal.getsignal(signal.SIGTERM) == previous[1]
