@@ -424,7 +424,7 @@ def test_reward_model_directory_without_weights(tmp_path: Path) -> None:
     source = _write(tmp_path / "in.jsonl", b'{"instruction": "a", "responses": ["x"]}\n')
     result = run_cli("score", "--in", str(source), "--out", str(tmp_path / "out"),
                      "--reward-model", str(model), "-q")  # fmt: skip
-    one_line_error(result, str(model))
+    one_line_error(result, str(model), "holds no weights")
 
 
 def test_a_gguf_that_is_not_a_gguf(tmp_path: Path) -> None:
