@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from magpie import pipeline
+from magpie import pipeline, signals
 from magpie.config import (
     InstructionsConfig,
     PairsConfig,
@@ -32,6 +32,7 @@ from magpie.engines.base import ModelInfo, create_engine
 from magpie.errors import MagpieError
 from magpie.export import FORMATS
 from magpie.inputs import resolve_dataset, short_note
+from magpie.locking import release_all as release_all_locks
 from magpie.options import (
     ApiKeyEnvOpt,
     BaseUrlOpt,
@@ -111,6 +112,7 @@ def friendly_errors(func: F) -> F:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        handlers = signals.install()
         try:
             return func(*args, **kwargs)
         except ValidationError as exc:
@@ -119,11 +121,13 @@ def friendly_errors(func: F) -> F:
         except MagpieError as exc:
             error(str(exc))
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print(
-                "interrupted: committed shards are kept; rerun the same command to resume"
-            )
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM through magpie.signals
+            signals.quiet()
+            err_console.print(signals.INTERRUPTED_LINE, highlight=False)
+            raise typer.Exit(signals.exit_code(exc)) from None
+        finally:
+            release_all_locks()
+            signals.restore(handlers)
 
     return wrapper  # type: ignore[return-value]
 
@@ -669,6 +673,23 @@ def _one_dataset(command: str, path: Path | None, source: Path | None) -> Path:
     if given.exists():
         resolve_in(given)
     return given
+
+
+@app.command()
+@friendly_errors
+def verify(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory (or a `magpie run` output).")],
+    repair: Annotated[
+        bool, typer.Option(help="Move broken shards into .magpie/broken/ so a rerun redoes them.")
+    ] = False,
+) -> None:
+    """Check every shard against its recorded rows, shard number and config, and the manifest."""
+    from magpie.verify import render_report, verify_path
+
+    report = verify_path(dataset, repair_it=repair)
+    render_report(report, out_console)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)

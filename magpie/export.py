@@ -40,7 +40,7 @@ from magpie import __version__
 from magpie.errors import MagpieError
 from magpie.schema import CHAT_MESSAGE, MAGPIE_DPO_COLUMNS, REWARD_SCORE, SHAREGPT_MESSAGE
 from magpie.stages.base import dialogue
-from magpie.store import fsync_dir
+from magpie.store import fsync_dir, prepare_output_dir
 
 FORMATS = ("magpie", "trl", "sharegpt", "openai", "openai-preference", "jsonl")
 KEEPS = {
@@ -474,13 +474,7 @@ def _source_files(src: Path) -> list[Path]:
 def _prepare_out_dir(src: Path, out: Path, overwrite: bool) -> None:
     if out.resolve() == src.resolve():
         raise ExportError(f"output directory {out} is the source directory; pick another")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ExportError(f"output directory {out} is not empty; pass --overwrite to replace")
-        for old in [*out.glob("*.parquet"), *out.glob("*.jsonl"), *out.glob(f"{_TMP_PREFIX}*")]:
-            if old.is_file():
-                old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out, overwrite)  # only magpie's own files are ever removed
 
 
 def _export_jsonl(files: list[Path], out: Path, report: ExportReport) -> None:

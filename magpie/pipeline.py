@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel
 
-from magpie import __version__
+from magpie import __version__, locking
 from magpie.config import (
     InstructionsConfig,
     PairsConfig,
@@ -35,7 +35,7 @@ from magpie.errors import MagpieError
 from magpie.runner import ProgressView, RunSummary, run_source, run_transform
 from magpie.schema import row_uuid
 from magpie.stages.base import TransformOutput
-from magpie.store import ShardStore, atomic_write_bytes
+from magpie.store import ShardStore, atomic_write_bytes, open_run_root
 from magpie.templates import ChatFormat, chat_format_for
 
 
@@ -70,6 +70,8 @@ def _digest(*parts: Any) -> str:
 def _open_store(
     out: Path, stage: str, config: BaseModel, extra: dict[str, Any], upstream: str, overwrite: bool
 ) -> ShardStore:
+    if "input" in extra:
+        refuse_overlap(Path(extra["input"]), out)
     store = ShardStore(out)
     resolved = {
         "magpie_version": __version__,
@@ -84,22 +86,58 @@ def _open_store(
 # ---- input datasets ------------------------------------------------------------------------
 
 
+def refuse_overlap(source: Path, out: Path) -> None:
+    """An --out that is the --in (or inside it, or around it) would overwrite the input."""
+    src, dst = source.resolve(), out.resolve()
+    if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
+        raise MagpieError(f"--out {out} overlaps --in {source}: pick an --out outside the input")
+
+
+# which command makes a column, for "missing column" errors
+MADE_BY = {
+    "instruction": "magpie instructions",
+    "responses": "magpie responses",
+    "rewards": "magpie score",
+}
+
+
+def require_columns(table: pa.Table, path: Path, columns: list[str]) -> None:
+    """One line naming the first missing column and the command that makes it."""
+    for column in columns:
+        if column not in table.column_names:
+            maker = MADE_BY.get(column)
+            fix = f"run `{maker}` first" if maker else f"pass data with a '{column}' column"
+            have = ", ".join(table.column_names) or "none"
+            raise MagpieError(f"input {path} has no '{column}' column (columns: {have}): {fix}")
+
+
+def refuse_damaged(path: Path) -> None:
+    """An input dataset of ours with a broken, foreign or missing shard is not read."""
+    problems = ShardStore(path).check()
+    if problems:
+        first = problems[0]
+        raise MagpieError(
+            f"input {first.path} {first.what}: run `magpie verify {path} --repair`, then rerun "
+            "the command that wrote it"
+        )
+
+
 def load_input(path: Path) -> tuple[pa.Table, str]:
     """Rows of a dataset directory (ours or any Parquet/JSONL) and a hash that identifies them."""
     if not path.exists():
         raise MagpieError(f"input {path} does not exist: pass --in with a dataset directory")
     manifest = _complete_manifest(path)
     if manifest is not None:
+        refuse_damaged(path)
         table, identity = ShardStore(path).read_all(), manifest["config_hash"]
         if manifest.get("short"):  # a short dataset can grow: its rows are part of its identity
             identity = f"{identity}+{table.num_rows}"
     else:
         table = _read_files(path)
         identity = hashlib.sha256(_ipc_bytes(table)).hexdigest()[:16]
-    if "instruction" not in table.column_names:
-        raise MagpieError(
-            f"input {path} has no 'instruction' column (columns: {', '.join(table.column_names)})"
-        )
+    if table.num_rows == 0:
+        raise MagpieError(f"input {path} holds no rows: pass --in with a non-empty dataset")
+    require_columns(table, path, ["instruction"])
     if "uuid" not in table.column_names:
         uuids = [row_uuid(t or "") for t in table.column("instruction").to_pylist()]
         table = table.append_column("uuid", pa.array(uuids, pa.string()))
@@ -117,8 +155,6 @@ def _complete_manifest(path: Path) -> dict[str, Any] | None:
 
 
 def _read_files(path: Path) -> pa.Table:
-    import pyarrow.json as pj
-
     files = (
         [path]
         if path.is_file()
@@ -126,8 +162,75 @@ def _read_files(path: Path) -> pa.Table:
     )
     if not files:
         raise MagpieError(f"input {path} holds no .parquet or .jsonl files")
-    tables = [pq.read_table(f) if f.suffix == ".parquet" else pj.read_json(f) for f in files]
-    return pa.concat_tables(tables, promote_options="default")
+    tables = [_read_parquet(f) if f.suffix == ".parquet" else _read_jsonl(f) for f in files]
+    try:
+        return pa.concat_tables(tables, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise MagpieError(
+            f"the files of input {path} do not share columns ({str(exc).splitlines()[0]}): "
+            "pass files with one schema"
+        ) from None
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise MagpieError(
+            f"input {path} is not readable Parquet ({str(exc).splitlines()[0]}): pass a valid "
+            "Parquet or JSONL file"
+        ) from None
+
+
+def _read_jsonl(path: Path) -> pa.Table:
+    """JSON Lines (one object per line) or a JSON array of objects, checked line by line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise MagpieError(
+            f"input {path} is not UTF-8 text (line {line}, byte {exc.start}): pass JSONL "
+            "encoded as UTF-8"
+        ) from None
+    rows: list[Any] = []
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as exc:
+            raise MagpieError(f"input {path} is not valid JSON ({exc}): fix the file") from None
+        where = "item"
+    else:
+        where = "line"
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise MagpieError(
+                    f"input {path} line {number} is not JSON ({exc.msg}): pass JSON Lines, "
+                    "one object per line"
+                ) from None
+            if not isinstance(rows[-1], dict):
+                raise MagpieError(
+                    f"input {path} line {number} is a JSON {type(rows[-1]).__name__}, not an "
+                    'object: write one object per line, e.g. {"instruction": "..."}'
+                )
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise MagpieError(
+                f"input {path} {where} {number} is not a JSON object: write one object per row"
+            )
+    if not rows:
+        raise MagpieError(f"input {path} holds no rows: pass a non-empty JSONL file")
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise MagpieError(
+            f"input {path}: rows disagree on a column's type ({str(exc).splitlines()[0]}): "
+            "give each column one type"
+        ) from None
 
 
 def _ipc_bytes(table: pa.Table) -> bytes:
@@ -140,6 +243,7 @@ def _ipc_bytes(table: pa.Table) -> bytes:
 # ---- stages ----------------------------------------------------------------------------------
 
 
+@locking.releasing
 def instructions(
     config: InstructionsConfig,
     out: Path,
@@ -224,6 +328,7 @@ def _check_budgets(out: Path, config: InstructionsConfig, overwrite: bool) -> No
             )
 
 
+@locking.releasing
 def responses(
     config: ResponsesConfig,
     source: Path,
@@ -270,6 +375,7 @@ def load_scorer(config: ScoreConfig) -> Any:
     )
 
 
+@locking.releasing
 def score(
     config: ScoreConfig, source: Path, out: Path, view: ProgressView, overwrite: bool = False
 ) -> RunSummary:
@@ -298,6 +404,7 @@ def score(
             close()
 
 
+@locking.releasing
 def pairs(
     config: PairsConfig, source: Path, out: Path, view: ProgressView, overwrite: bool = False
 ) -> RunSummary:
@@ -305,6 +412,7 @@ def pairs(
     from magpie.stages.pairs import PairStats, make_pairs
 
     table, upstream = load_input(source)
+    require_columns(table, source, ["responses", "rewards"])
     store = _open_store(out, "pairs", config, {"input": str(source)}, upstream, overwrite)
 
     def transform(chunk: pa.Table, progress: Any) -> TransformOutput:
@@ -321,6 +429,7 @@ def pairs(
     )
 
 
+@locking.releasing
 def tag(config: TagConfig, source: Path, out: Path, view: ProgressView, overwrite: bool = False):
     """Unitag tags of every row of `source` into `out` (any dataset with an `instruction`)."""
     from magpie.stages.tags import JUDGE_TAG_NAMES, JudgeTagger, TagStage
@@ -374,13 +483,16 @@ def _neighbor_columns(table: pa.Table, config: TagConfig, view: ProgressView) ->
     )
 
 
+@locking.releasing
 def export(
     source: Path, out: Path, fmt: str, overwrite: bool = False, all_responses: bool = False
 ) -> Any:
     """Write `source` in an export format (see magpie.export.FORMATS)."""
     from magpie.export import export_dataset
 
-    _complete_manifest(source)  # refuses incomplete datasets with a clear message
+    refuse_overlap(source, out)
+    if _complete_manifest(source) is not None:  # refuses incomplete datasets
+        refuse_damaged(source)
     return export_dataset(source, out, fmt, overwrite=overwrite, all_responses=all_responses)
 
 
@@ -395,12 +507,12 @@ def _engine_or(
             yield llm
 
 
+@locking.releasing
 def run_recipe(recipe: Recipe, view: ProgressView, overwrite: bool = False) -> dict[str, Any]:
     """instructions -> responses -> score -> pairs -> export under `recipe.out`; resumable."""
     out = Path(recipe.out)
     ins_cfg, res_cfg = recipe.instructions_config(), recipe.responses_config()
-    store = ShardStore(out)
-    store.check_writable()
+    open_run_root(out, overwrite)
     atomic_write_bytes(
         out / "recipe.yaml",
         yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).encode(),

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from magpie.errors import MagpieError  # noqa: E402
 from magpie.export import (  # noqa: E402
     FORMATS,
     JSONL_NAME,
@@ -246,8 +247,13 @@ def test_refuses_non_empty_out_dir(tmp_path: Path) -> None:
     _write_shards(src, _pairs(), [3])
     out.mkdir()
     (out / "old.parquet").write_bytes(b"stale")
+    with pytest.raises(MagpieError, match="did not write") as err:  # not ours: never replaced
+        export_dataset(src, out, "trl", overwrite=True)
+    assert (out / "old.parquet").read_bytes() == b"stale"
+    (out / "old.parquet").unlink()
+    export_dataset(src, out, "jsonl")
     (out / "README.md").write_text("card")
-    with pytest.raises(ExportError, match="--overwrite") as err:
+    with pytest.raises(MagpieError, match="--overwrite") as err:
         export_dataset(src, out, "trl")
     assert "\n" not in str(err.value)
     export_dataset(src, out, "trl", overwrite=True)

@@ -309,6 +309,11 @@ def _resolve_source(model_id: str) -> tuple[str, bool]:
             raise RewardModelError(f"reward model path is not a directory: {model_id}")
         if not (path / "config.json").is_file():
             raise RewardModelError(f"reward model directory has no config.json: {model_id}")
+        if not any(any(path.glob(f"*.{ext}")) for ext in ("safetensors", "bin", "pt", "pth")):
+            raise RewardModelError(
+                f"reward model directory {model_id} holds no weights (*.safetensors or "
+                "pytorch_model.bin): pass the directory the model was saved to"
+            )
         return str(path), True
     if _looks_like_path(model_id):
         raise RewardModelError(f"reward model path not found: {model_id}")
