@@ -561,7 +561,10 @@ def card(source: Path, out: Path | None = None, plots: bool = True) -> Any:
     """Write the dataset card of `source` (default `source/README.md`) and its PNG plots."""
     from magpie.card import CARD_NAME, write_card
 
-    return write_card(report_dataset(source), out or _beside(source, CARD_NAME), plots=plots)
+    target = out or _beside(source, CARD_NAME)
+    report = write_card(report_dataset(source), target, plots=plots)
+    _record_ours(target)
+    return report
 
 
 def view(source: Path, out: Path | None = None) -> Any:
@@ -571,7 +574,10 @@ def view(source: Path, out: Path | None = None) -> Any:
     if not source.exists():
         raise MagpieError(f"{source} does not exist: pass `magpie view` a dataset directory")
     table, _ = load_input(report_dataset(source))
-    return write_view(table, out or _beside(source, DEFAULT_NAME), title=source.resolve().name)
+    target = out or _beside(source, DEFAULT_NAME)
+    report = write_view(table, target, title=source.resolve().name)
+    _record_ours(target)
+    return report
 
 
 def reports(run_dir: Path) -> list[Any]:
@@ -585,4 +591,21 @@ def reports(run_dir: Path) -> list[Any]:
     if any(dataset.glob("part-*.parquet")):
         table, _ = load_input(dataset)
         written.append(write_view(table, run_dir / VIEW_NAME, title=run_dir.resolve().name))
+    _record_ours(run_dir / CARD_NAME, run_dir / VIEW_NAME)
     return written
+
+
+def _record_ours(*paths: Path) -> None:
+    """Note report files written into one of our dataset or run folders as ours, so that
+    --overwrite may replace them (they are never recorded in a folder we do not own)."""
+    from magpie.card import PLOTS_DIR
+    from magpie.store import classify
+
+    for path in paths:
+        folder = path.parent
+        if not path.exists() or classify(folder) not in ("dataset", "run"):
+            continue
+        store = ShardStore(folder)
+        store.record_written(path.name)
+        if path.suffix == ".md" and (folder / PLOTS_DIR).is_dir():
+            store.record_written(PLOTS_DIR)
