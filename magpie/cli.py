@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -26,7 +27,7 @@ from magpie.config import (
 )
 from magpie.engines.base import ModelInfo, create_engine, engine_names
 from magpie.errors import MagpieError
-from magpie.runner import ProgressView, RunSummary
+from magpie.executors.base import Executor, ExecutorSpec, ProgressView, RunSummary, create_executor
 from magpie.templates import ChatFormat, cross_check
 
 app = typer.Typer(
@@ -143,6 +144,46 @@ ChatTemplateOpt = Annotated[
     Path | None,
     typer.Option("--chat-template", help="Jinja chat template file to derive from."),
 ]
+ExecutorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--executor", help="Where stages run: local (this process) or ray (actors on a cluster)."
+    ),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Ray cluster to join (auto, HOST:PORT, ray://HOST:PORT); implies --executor ray. "
+        "Default: start Ray on this machine.",
+    ),
+]
+ActorsOpt = Annotated[
+    int | None,
+    typer.Option("--actors", help="Ray actors (engine replicas). Default: fill the CPUs."),
+]
+
+
+@contextmanager
+def _executor(
+    name: str | None, address: str | None, actors: int | None
+) -> Iterator[Executor | None]:
+    """The executor the flags name (None: the local default), closed afterwards."""
+    if name not in (None, "local", "ray"):
+        raise MagpieError(f"--executor must be local or ray (got {name!r})")
+    if name in (None, "local") and address is None and actors is None:
+        yield None
+        return
+    spec = ExecutorSpec.model_validate(
+        {"name": name or "ray", "address": address, "actors": actors}
+    )
+    if spec.name == "local":
+        raise MagpieError("--address and --actors need --executor ray")
+    runner = create_executor(spec)
+    try:
+        yield runner
+    finally:
+        runner.close()
 
 
 def _model_info(engine_name: str, model: str | None) -> ModelInfo:
@@ -239,6 +280,9 @@ def instructions(
     tokenizer: TokenizerOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Synthesize instructions: the model writes user queries from its pre-query template.
 
@@ -267,8 +311,8 @@ def instructions(
         }
     )
     view = ProgressView(err_console, enabled=not quiet)
-    with view.shown():
-        summary, fmt = pipeline.instructions(config, out, view, overwrite)
+    with view.shown(), _executor(executor, address, actors) as runner:
+        summary, fmt = pipeline.instructions(config, out, view, overwrite, executor=runner)
     print_summary(summary, fmt)
     if not summary.complete:
         err_console.print(
@@ -307,6 +351,9 @@ def responses(
     tokenizer: TokenizerOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Sample n responses per instruction with the model's chat template."""
     config = ResponsesConfig.model_validate(
@@ -329,8 +376,8 @@ def responses(
         }
     )
     view = ProgressView(err_console, enabled=not quiet)
-    with view.shown():
-        summary = pipeline.responses(config, source, out, view, overwrite)
+    with view.shown(), _executor(executor, address, actors) as runner:
+        summary = pipeline.responses(config, source, out, view, overwrite, executor=runner)
     print_summary(summary)
 
 
@@ -363,6 +410,9 @@ def score(
     shard_size: Annotated[int, typer.Option(help="Rows per committed shard.")] = 16,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Score every response with a reward model or an LLM judge."""
     config = ScoreConfig(
@@ -378,8 +428,8 @@ def score(
         shard_size=shard_size,
     )
     view = ProgressView(err_console, enabled=not quiet)
-    with view.shown():
-        summary = pipeline.score(config, source, out, view, overwrite)
+    with view.shown(), _executor(executor, address, actors) as runner:
+        summary = pipeline.score(config, source, out, view, overwrite, executor=runner)
     print_summary(summary)
 
 
@@ -394,12 +444,15 @@ def pairs(
     ] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Chosen = highest reward, rejected = lowest; other rows are set aside with a reason."""
     config = PairsConfig(min_margin=min_margin, drop_truncated=drop_truncated)
     view = ProgressView(err_console, enabled=not quiet)
-    with view.shown():
-        summary = pipeline.pairs(config, source, out, view, overwrite)
+    with view.shown(), _executor(executor, address, actors) as runner:
+        summary = pipeline.pairs(config, source, out, view, overwrite, executor=runner)
     print_summary(summary)
 
 
@@ -458,6 +511,9 @@ def tag(
     shard_size: Annotated[int, typer.Option(help="Rows per committed shard.")] = 16,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Tag rows like Magpie's unitag: difficulty, quality, task category, safety, language,
     instruction reward, and embedding nearest-neighbour repeats."""
@@ -481,8 +537,8 @@ def tag(
         }
     )
     view = ProgressView(err_console, enabled=not quiet)
-    with view.shown():
-        summary = pipeline.tag(config, source, out, view, overwrite)
+    with view.shown(), _executor(executor, address, actors) as runner:
+        summary = pipeline.tag(config, source, out, view, overwrite, executor=runner)
     print_summary(summary)
 
 
@@ -565,6 +621,9 @@ def run_recipe(
     n: Annotated[int | None, typer.Option("--n", help="Responses per instruction.")] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """The DPO recipe end to end: instructions, responses, rewards, pairs, exports.
 
@@ -582,6 +641,13 @@ def run_recipe(
         data["score"] = {**(data.get("score") or {}), "reward_model": reward_model}
     if n is not None:
         data["responses"] = {**(data.get("responses") or {}), "n": n}
+    where = {"name": executor or ("ray" if address or actors else None)}
+    where.update(address=address, actors=actors)
+    if any(v is not None for v in where.values()):
+        data["executor"] = {
+            **(data.get("executor") or {}),
+            **{k: v for k, v in where.items() if v is not None},
+        }
     resolved = Recipe.model_validate(data)
     view = ProgressView(err_console, enabled=not quiet)
     with view.shown():
