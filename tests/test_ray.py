@@ -20,7 +20,7 @@ from magpie.errors import MagpieError
 from magpie.executors.base import ExecutorSpec, ProgressView, create_executor
 from magpie.store import ShardStore
 
-from .conftest import REPO, run_cli
+from conftest import REPO, run_cli
 
 
 @pytest.fixture(scope="module")
