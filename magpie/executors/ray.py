@@ -11,8 +11,10 @@ own stderr included); the driver shows the one progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
 import sys
 import time
 from collections import deque
@@ -40,52 +42,56 @@ def import_ray() -> Any:
 
 
 class StageWorker:
-    """Body of one actor: builds the stage on first use, runs shards, logs to its own file."""
+    """Body of one actor: builds stages on first use (engines shared through its pool), runs
+    shards, and logs to one file per stage beside the output."""
 
-    def __init__(self, spec: StageSpec, defaults: dict[str, dict[str, Any]], rank: int) -> None:
-        self.spec = spec
-        self.defaults = defaults
+    def __init__(self, defaults: dict[str, dict[str, Any]], rank: int) -> None:
+        self.engines = EnginePool(defaults)
         self.rank = rank
-        self.stage: Any = None
-        self.identity: dict[str, Any] = {}
-        self.log: logging.Logger | None = None
+        self.stages: dict[bytes, tuple[Any, dict[str, Any]]] = {}
+        self.log = logging.getLogger(f"magpie.actor.{rank}")
+        self.log.setLevel(logging.INFO)
+        self.log_path: Path | None = None
 
-    def _build(self) -> None:
-        if self.stage is None:
-            self.stage, self.identity = self.spec(EnginePool(self.defaults))
+    def _stage(self, spec: StageSpec) -> tuple[Any, dict[str, Any]]:
+        key = pickle.dumps(spec)
+        if key not in self.stages:
+            self.stages[key] = spec(self.engines)
+        return self.stages[key]
 
-    def prepare(self) -> tuple[dict[str, Any], tuple[str, ...]]:
+    def prepare(self, spec: StageSpec) -> tuple[dict[str, Any], tuple[str, ...]]:
         """Build the stage; its identity and the input columns it needs."""
-        self._build()
-        return self.identity, tuple(self.stage.required_columns)
+        stage, identity = self._stage(spec)
+        return identity, tuple(stage.required_columns)
 
-    def _logger(self, log_dir: str) -> logging.Logger:
-        if self.log is None:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(log_dir) / f"{self.spec.name}-actor-{self.rank}.log"
-            handle = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the actor
-            sys.stderr.flush()
-            os.dup2(handle.fileno(), 2)  # the engine's native logging lands here too
-            self.log = logging.getLogger(f"magpie.actor.{self.rank}")
-            self.log.setLevel(logging.INFO)
-            handler = logging.StreamHandler(handle)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            self.log.addHandler(handler)
-            self.log.info("actor %d (pid %d) on %s", self.rank, os.getpid(), os.uname().nodename)
-        return self.log
+    def _log_to(self, path: Path) -> None:
+        if path == self.log_path:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a", buffering=1)  # noqa: SIM115 - kept until the next stage's file
+        sys.stderr.flush()
+        os.dup2(handle.fileno(), 2)  # the engine's native logging lands here too
+        for old in list(self.log.handlers):
+            self.log.removeHandler(old)
+            old.close()
+        handler = logging.StreamHandler(handle)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        self.log.addHandler(handler)
+        self.log_path = path
+        self.log.info("actor %d (pid %d) on %s", self.rank, os.getpid(), os.uname().nodename)
 
-    def run(self, index: int, rows: pa.Table, log_dir: str) -> TransformOutput:
-        """Shard `index` of the job: its slice in, the stage's output back to the driver."""
-        log = self._logger(log_dir)
-        self._build()
+    def run(self, spec: StageSpec, index: int, rows: pa.Table, log_dir: str) -> TransformOutput:
+        """Shard `index` of a job: its slice in, the stage's output back to the driver."""
+        self._log_to(Path(log_dir) / f"{spec.name}-actor-{self.rank}.log")
+        stage, _ = self._stage(spec)
         started = time.monotonic()
-        log.info("shard %d: %d input rows", index, rows.num_rows)
+        self.log.info("shard %d: %d input rows", index, rows.num_rows)
         try:
-            out = self.stage(rows, NullProgress())
+            out = stage(rows, NullProgress())
         except Exception as exc:
-            log.info("shard %d failed: %s", index, exc)
+            self.log.info("shard %d failed: %s", index, exc)
             raise
-        log.info(
+        self.log.info(
             "shard %d: %d rows, %d tokens in %.1f s",
             index,
             out.rows.num_rows,
@@ -107,6 +113,8 @@ class RayExecutor:
     def __init__(self, spec: ExecutorSpec) -> None:
         self.spec = spec
         self._started = False
+        self._pool: list[Any] = []
+        self._group: tuple[float, str] | None = None
 
     def _connect(self) -> Any:
         ray = import_ray()
@@ -126,17 +134,13 @@ class RayExecutor:
             self._started = True
         return ray
 
-    def _actor_count(self, ray: Any, gpus: float, shards: int) -> int:
+    def _actor_count(self, ray: Any, gpus: float) -> int:
         if self.spec.actors is not None:
-            wanted = self.spec.actors
-        else:
-            resources = ray.cluster_resources()
-            wanted = (
-                int(resources.get("GPU", 0) // gpus)
-                if gpus
-                else int(resources.get("CPU", 1) // self.spec.num_cpus)
-            )
-        return max(1, min(wanted, shards))
+            return self.spec.actors
+        resources = ray.cluster_resources()
+        if gpus:
+            return max(1, int(resources.get("GPU", 0) // gpus))
+        return max(1, int(resources.get("CPU", 1) // self.spec.num_cpus))
 
     def _gpus(self, job: Job) -> float:
         if self.spec.num_gpus is not None:
@@ -146,11 +150,15 @@ class RayExecutor:
             return float(engine.options.get("tensor_parallel_size", 1))
         return 0.0
 
-    def run(self, job: Job) -> RunSummary:
-        ray = self._connect()
+    def _actors(self, ray: Any, job: Job) -> list[Any]:
+        """The actors of this job: those of the previous job when they hold the same engine
+        (a model is loaded once for instructions and responses), else a fresh set."""
         gpus = self._gpus(job)
-        threads = max(1, int(self.spec.num_cpus))
-        defaults = {"llamacpp": {"n_threads": threads}}
+        engine = _engine_spec(job)
+        group = (gpus, EnginePool.key(engine) if engine is not None else job.spec.name)
+        if self._group == group:
+            return self._pool
+        self._release(ray)
         retries = self.spec.max_retries
         remote = ray.remote(StageWorker).options(
             num_cpus=self.spec.num_cpus,
@@ -158,21 +166,34 @@ class RayExecutor:
             max_restarts=retries,
             max_task_retries=retries,
         )
-        count = self._actor_count(ray, gpus, max(job.num_shards, 1))
-        actors = [remote.remote(job.spec, defaults, rank) for rank in range(count)]
+        defaults = {"llamacpp": {"n_threads": max(1, int(self.spec.num_cpus))}}
+        count = self._actor_count(ray, gpus)
+        self._pool = [remote.remote(defaults, rank) for rank in range(count)]
+        self._group = group
+        return self._pool
+
+    def _release(self, ray: Any) -> None:
+        for actor in self._pool:
+            ray.kill(actor, no_restart=True)
+        self._pool, self._group = [], None
+
+    def run(self, job: Job) -> RunSummary:
+        ray = self._connect()
+        actors = self._actors(ray, job)
         try:
             what = f"starting the {job.spec.name} stage on Ray"
-            prepared = [self._get(ray, a.prepare.remote(), what) for a in actors]
+            prepared = [self._get(ray, a.prepare.remote(job.spec), what) for a in actors]
             identity, required = prepared[0]
             check_columns(job, required)
             driver = Driver(job, job.open_store(identity))
             self._drive(ray, job, driver, actors)
-            return driver.finish()
-        finally:
-            for actor in actors:
-                ray.kill(actor, no_restart=True)
+        except BaseException:
+            self._release(ray)  # a failed or interrupted stage leaves no actor behind
+            raise
+        return driver.finish()
 
     def _drive(self, ray: Any, job: Job, driver: Driver, actors: list[Any]) -> None:
+        """Keep every actor fed until the job is done."""
         log_dir = str(driver.store.meta_dir / "logs")
         queue = deque(driver.pending)
         load = [0] * len(actors)
@@ -181,7 +202,7 @@ class RayExecutor:
             while queue and not driver.done and min(load) < self.spec.max_in_flight:
                 rank = load.index(min(load))
                 index = queue.popleft()
-                ref = actors[rank].run.remote(index, job.slice(index), log_dir)
+                ref = actors[rank].run.remote(job.spec, index, job.slice(index), log_dir)
                 in_flight[ref] = (index, rank)
                 load[rank] += 1
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
@@ -190,7 +211,18 @@ class RayExecutor:
             out = self._get(ray, ref, f"shard {index}", log_dir)
             job.progress.on_done(0, out.tokens)
             driver.complete(index, out)
-        # a source that reached --num leaves later blocks in flight: run() kills their actors
+        self._drain(ray, list(in_flight))
+
+    @staticmethod
+    def _drain(ray: Any, refs: list[Any]) -> None:
+        """Blocks a source no longer needs (it reached --num): drop the queued ones and let the
+        running ones end (at most one per actor), so the actors serve the next stage."""
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.get(ref)
 
     def _get(self, ray: Any, ref: Any, what: str, log_dir: str | None = None) -> Any:
         """A task's result; a worker's MagpieError becomes the run's one-line error."""
@@ -210,6 +242,8 @@ class RayExecutor:
             ) from None
 
     def close(self) -> None:
+        if self._pool:
+            self._release(import_ray())
         if self._started:
             ray = import_ray()
             ray.shutdown()
