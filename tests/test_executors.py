@@ -125,3 +125,22 @@ def test_engine_pool_shares_engines_and_fills_defaults():
     assert pool.get(EngineSpec(name="fake")) is engine and engine.delay == 0.5
     assert pool.get(EngineSpec(name="fake", options={"delay": 0.0})).delay == 0.0
     pool.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--executor", "spark"], "--executor must be local or ray (got 'spark')"),
+        (["--executor", "local", "--actors", "2"], "--address and --actors need --executor ray"),
+    ],
+)
+def test_bad_executor_flags_are_one_line(tmp_path, flags, message):
+    from typer.testing import CliRunner
+
+    from magpie.cli import app
+
+    result = CliRunner().invoke(
+        app, ["pairs", "--in", str(tmp_path), "--out", str(tmp_path / "o"), *flags]
+    )
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import REPO, run_cli
 from rich.console import Console
 
 from magpie import pipeline
@@ -19,8 +20,6 @@ from magpie.config import InstructionsConfig, ResponsesConfig
 from magpie.errors import MagpieError
 from magpie.executors.base import ExecutorSpec, ProgressView, create_executor
 from magpie.store import ShardStore
-
-from conftest import REPO, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -87,36 +86,28 @@ def test_same_rows_as_local_for_any_shards_and_actors(
     assert logs and all(name.startswith("responses-actor-") for name in logs)
 
 
-def test_out_of_order_completion_commits_as_results_arrive(cluster, reference, tmp_path):
-    """Shard 0 holds a slow prompt: the others finish first and are committed first."""
-    first = table_rows(reference / "ins")[0]["instruction"]
-    engine = fake(delay=0.05, slow_prompts=first)
-    summary = pipeline.responses(
-        res_config(engine, shard_size=3),
-        reference / "ins",
-        tmp_path / "res",
-        view(),
-        executor=on_ray(2, max_in_flight=3),
-    )
-    assert summary.complete and summary.commit_order != sorted(summary.commit_order)
-    expected = table_rows(reference / "res")
-    got = table_rows(tmp_path / "res")
-    assert [r["responses"] for r in got] == [r["responses"] for r in expected]
-
-
-def test_actor_killed_mid_shard_is_retried_with_the_same_rows(cluster, reference, tmp_path):
+def test_out_of_order_completion_and_a_killed_actor_give_the_same_rows(
+    cluster, reference, tmp_path
+):
+    """Shard 0 holds a slow prompt, so later shards finish and are committed first; and an actor
+    dies (os._exit) in the middle of shard 1: it is restarted and the shard retried."""
+    ins = table_rows(reference / "ins")
     marker = tmp_path / "crashed"
-    victim = table_rows(reference / "ins")[4]["instruction"]  # in shard 1 (shards of 3)
-    engine = fake(crash_once=str(marker), crash_on=victim)
+    engine = fake(
+        delay=0.05,
+        slow_prompts=ins[0]["instruction"],
+        crash_once=str(marker),
+        crash_on=ins[4]["instruction"],
+    )
     summary = pipeline.responses(
         res_config(engine, shard_size=3),
         reference / "ins",
         tmp_path / "res",
         view(),
-        executor=on_ray(2),
+        executor=on_ray(2, max_in_flight=2),
     )
-    assert marker.exists()  # an actor really died (os._exit) in the middle of shard 1
-    assert summary.complete
+    assert marker.exists()  # an actor really died in the middle of shard 1
+    assert summary.complete and summary.commit_order != sorted(summary.commit_order)
     assert [r["responses"] for r in table_rows(tmp_path / "res")] == [
         r["responses"] for r in table_rows(reference / "res")
     ]
@@ -191,10 +182,11 @@ def test_driver_killed_after_commits_then_rerun_gives_identical_files(cluster, r
 
 RECIPE = """\
 out: {out}
-num: 4
-instructions: {{max_tokens: 64, shard_size: 3}}
-responses: {{n: 2, max_tokens: 32, shard_size: 2}}
-score: {{shard_size: 2}}
+num: 3
+engine: {{options: {{n_threads: 1}}}}
+instructions: {{max_tokens: 48, shard_size: 3}}
+responses: {{n: 2, max_tokens: 24, shard_size: 2}}
+score: {{shard_size: 2, judge_engine: {{options: {{n_threads: 1}}}}}}
 export: [trl]
 executor: {{name: local, num_cpus: 0.5}}
 """
