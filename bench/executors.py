@@ -1,6 +1,7 @@
 """Executor throughput: the responses stage on the local executor and on Ray with 1 and 2 actors.
 
-Prints shards/s and generated tokens/s for the deterministic fake engine (a fixed delay per
+Prints shards/s and generated tokens/s, cold (actor start and model load included) and warm (the
+same executor's actors running a second time), for the deterministic fake engine (a fixed delay per
 request stands in for a model: shows the scheduling overhead and how actors add up) and for the
 bundled SmolLM2 through llama.cpp (on a 2-core machine expect little gain: both actors share the
 same cores; the point is that it runs, and gives the same rows). Ray is started here with 2 CPUs.
@@ -28,13 +29,10 @@ def view() -> ProgressView:
     return ProgressView(Console(file=io.StringIO()), enabled=False)
 
 
-def measure(config: ResponsesConfig, source: Path, out: Path, spec: ExecutorSpec | None):
-    executor = create_executor(spec) if spec is not None else None
+def measure(config: ResponsesConfig, source: Path, out: Path, executor):
     started = time.perf_counter()
     summary = pipeline.responses(config, source, out, view(), executor=executor)
     seconds = time.perf_counter() - started
-    if executor is not None:
-        executor.close()
     return seconds, summary.shards, summary.tokens
 
 
@@ -45,6 +43,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--n", type=int, default=2)
     parser.add_argument("--delay", type=float, default=0.05, help="fake seconds per request")
+    parser.add_argument("--engines", default="fake,llamacpp", help="comma list: fake, llamacpp")
     args = parser.parse_args()
 
     import ray
@@ -58,6 +57,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for name, (engine, rows, shard_size) in engines.items():
+            if name not in args.engines.split(","):
+                continue
             source = root / f"{name}-ins"
             ins = InstructionsConfig.model_validate(
                 {"engine": engine, "num": rows, "max_tokens": 64, "shard_size": 16}
@@ -72,20 +73,24 @@ def main() -> None:
                 }
             )
             runs = {
-                "local": None,
+                "local": ExecutorSpec(name="local"),
                 "ray x1": ExecutorSpec(name="ray", actors=1, num_cpus=2),
                 "ray x2": ExecutorSpec(name="ray", actors=2, num_cpus=1),
             }
             reference = None
             for label, spec in runs.items():
-                out = root / f"{name}-{label.replace(' ', '')}"
-                seconds, shards, tokens = measure(config, source, out, spec)
-                table = ShardStore(out).read_all().select(["responses"]).to_pylist()
-                reference = reference if reference is not None else table
-                print(
-                    f"{name:9} {label:12} {shards:6d} {seconds:7.1f} {shards / seconds:9.2f} "
-                    f"{tokens / seconds:8.1f} {'yes' if table == reference else 'NO'}"
-                )
+                executor = create_executor(spec)  # actors stay up between its runs
+                for when in ("cold", "warm"):
+                    out = root / f"{name}-{label.replace(' ', '')}-{when}"
+                    seconds, shards, tokens = measure(config, source, out, executor)
+                    table = ShardStore(out).read_all().select(["responses"]).to_pylist()
+                    reference = reference if reference is not None else table
+                    print(
+                        f"{name:9} {label + ' ' + when:12} {shards:6d} {seconds:7.1f} "
+                        f"{shards / seconds:9.2f} {tokens / seconds:8.1f} "
+                        f"{'yes' if table == reference else 'NO'}"
+                    )
+                executor.close()
     ray.shutdown()
 
 
