@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -30,6 +31,7 @@ from magpie.config import (
 )
 from magpie.engines.base import ModelInfo, create_engine
 from magpie.errors import MagpieError
+from magpie.executors.base import Executor, ExecutorSpec, ProgressView, RunSummary, create_executor
 from magpie.export import FORMATS
 from magpie.inputs import resolve_dataset, short_note
 from magpie.locking import release_all as release_all_locks
@@ -59,7 +61,6 @@ from magpie.options import (
     TrustRemoteCodeOpt,
     default_out,
 )
-from magpie.runner import ProgressView, RunSummary
 from magpie.templates import ChatFormat, cross_check
 
 # Model loading bars of transformers / the hub would break into our own progress display.
@@ -175,6 +176,48 @@ def main(
     """magpie-synth."""
 
 
+ExecutorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--executor", help="Where stages run: local (this process) or ray (actors on a cluster)."
+    ),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Ray cluster to join (auto, HOST:PORT, ray://HOST:PORT); implies --executor ray. "
+        "Default: start Ray on this machine.",
+    ),
+]
+ActorsOpt = Annotated[
+    int | None,
+    typer.Option("--actors", help="Ray actors (engine replicas). Default: fill the CPUs."),
+]
+
+
+@contextmanager
+def _executor(
+    name: str | None, address: str | None, actors: int | None
+) -> Iterator[Executor | None]:
+    """The executor the flags name (None: the local default), closed afterwards."""
+    if name not in (None, "local", "ray"):
+        raise MagpieError(f"--executor must be local or ray (got {name!r})")
+    if name in (None, "local") and address is None and actors is None:
+        yield None
+        return
+    spec = ExecutorSpec.model_validate(
+        {"name": name or "ray", "address": address, "actors": actors}
+    )
+    if spec.name == "local":
+        raise MagpieError("--address and --actors need --executor ray")
+    runner = create_executor(spec)
+    try:
+        yield runner
+    finally:
+        runner.close()
+
+
 def _model_info(engine_name: str, model: str | None) -> ModelInfo:
     """Tokenizer facts of a model without loading its weights where possible."""
     if model is not None and Path(model).is_dir():
@@ -277,6 +320,9 @@ def instructions(
     tokenizer: TokenizerOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Synthesize instructions: the model writes user queries from its pre-query template.
 
@@ -305,8 +351,8 @@ def instructions(
         }
     )
     view = ProgressView(err_console, enabled=not quiet)
-    with view.shown():
-        summary, fmt = pipeline.instructions(config, out, view, overwrite)
+    with view.shown(), _executor(executor, address, actors) as runner:
+        summary, fmt = pipeline.instructions(config, out, view, overwrite, executor=runner)
     print_summary(summary, fmt)
     if not summary.complete:
         warn(
@@ -341,6 +387,9 @@ def responses(
     tokenizer: TokenizerOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Sample n responses per instruction with the model's chat template."""
     config = ResponsesConfig.model_validate(
@@ -363,9 +412,14 @@ def responses(
         }
     )
     view = ProgressView(err_console, enabled=not quiet)
-    with view.shown():
+    with view.shown(), _executor(executor, address, actors) as runner:
         summary = pipeline.responses(
-            config, resolve_in(source), out or default_out(source, "responses"), view, overwrite
+            config,
+            resolve_in(source),
+            out or default_out(source, "responses"),
+            view,
+            overwrite,
+            executor=runner,
         )
     print_summary(summary)
 
@@ -388,6 +442,9 @@ def score(
     shard_size: Annotated[int, typer.Option(help="Rows per committed shard.")] = 16,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Score every response with a reward model or an LLM judge."""
     config = ScoreConfig.model_validate(
@@ -405,9 +462,14 @@ def score(
         }
     )
     view = ProgressView(err_console, enabled=not quiet)
-    with view.shown():
+    with view.shown(), _executor(executor, address, actors) as runner:
         summary = pipeline.score(
-            config, resolve_in(source), out or default_out(source, "scored"), view, overwrite
+            config,
+            resolve_in(source),
+            out or default_out(source, "scored"),
+            view,
+            overwrite,
+            executor=runner,
         )
     print_summary(summary)
 
@@ -423,15 +485,23 @@ def pairs(
     ] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Chosen = highest reward, rejected = lowest; other rows are set aside with a reason."""
     config = PairsConfig.model_validate(
         {"min_margin": min_margin, "drop_truncated": drop_truncated}
     )
     view = ProgressView(err_console, enabled=not quiet)
-    with view.shown():
+    with view.shown(), _executor(executor, address, actors) as runner:
         summary = pipeline.pairs(
-            config, resolve_in(source), out or default_out(source, "pairs"), view, overwrite
+            config,
+            resolve_in(source),
+            out or default_out(source, "pairs"),
+            view,
+            overwrite,
+            executor=runner,
         )
     print_summary(summary)
 
@@ -509,6 +579,9 @@ def tag(
     shard_size: Annotated[int, typer.Option(help="Rows per committed shard.")] = 16,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Tag rows like Magpie's unitag: difficulty, quality, task category, safety, language,
     instruction reward, and embedding nearest-neighbour repeats."""
@@ -532,9 +605,14 @@ def tag(
         }
     )
     view = ProgressView(err_console, enabled=not quiet)
-    with view.shown():
+    with view.shown(), _executor(executor, address, actors) as runner:
         summary = pipeline.tag(
-            config, resolve_in(source), out or default_out(source, "tagged"), view, overwrite
+            config,
+            resolve_in(source),
+            out or default_out(source, "tagged"),
+            view,
+            overwrite,
+            executor=runner,
         )
     print_summary(summary)
 
@@ -737,6 +815,9 @@ def run_recipe(
     seed: Annotated[int | None, typer.Option(help="Run seed; row seeds derive from it.")] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    address: AddressOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """The DPO recipe end to end: instructions, responses, rewards, pairs, exports.
 
@@ -753,6 +834,11 @@ def run_recipe(
         "template": {"system_prompt": system_prompt},
         "responses": {"n": n, "temperature": temperature, "max_tokens": max_tokens},
         "score": {"reward_model": reward_model, "trust_remote_code": trust_remote_code},
+        "executor": {
+            "name": executor or ("ray" if address or actors else None),
+            "address": address,
+            "actors": actors,
+        },
     }
     resolved = Recipe.model_validate(data)
     resolved = Recipe.model_validate(deep_merge(resolved.model_dump(mode="json"), overrides))

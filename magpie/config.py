@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from magpie.errors import MagpieError
+from magpie.executors.base import ExecutorSpec
 
 
 class _Strict(BaseModel):
@@ -208,6 +209,9 @@ class Recipe(_Strict):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     export: list[str] = Field(default_factory=lambda: ["trl", "magpie"])
+    executor: ExecutorSpec = Field(
+        default_factory=ExecutorSpec, description="where stages run: local or ray"
+    )
 
     @field_validator("export")
     @classmethod

@@ -1,16 +1,15 @@
 """One function per stage command, shared by the single-stage commands and `magpie run`.
 
-Each opens its output store (refusing a directory made by another configuration), builds the
-stage from its config, lets the runner drive it with a progress bar, and returns the summary.
+Each describes its stage as a picklable spec and hands it to an executor (local or Ray), which
+builds the stage where it runs, opens the output store (refusing a directory made by another
+configuration), drives the shards with a progress bar, and returns the summary.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +29,23 @@ from magpie.config import (
     TemplateSpec,
     config_hash,
 )
-from magpie.engines.base import Engine, ModelInfo, create_engine
+from magpie.engines.base import Engine, EnginePool, ModelInfo
 from magpie.errors import MagpieError
-from magpie.runner import ProgressView, RunSummary, run_source, run_transform
+from magpie.executors.base import (
+    Executor,
+    ExecutorSpec,
+    Gate,
+    Job,
+    ProgressView,
+    RunSummary,
+    StageProgress,
+    attempt_blocks,
+    create_executor,
+)
 from magpie.schema import row_uuid
-from magpie.stages.base import TransformOutput
+from magpie.stages.specs import spec_of
 from magpie.store import ShardStore, atomic_write_bytes, open_run_root
 from magpie.templates import ChatFormat, chat_format_for
-
-
-@contextmanager
-def open_engine(config: InstructionsConfig | ResponsesConfig | TagConfig) -> Iterator[Engine]:
-    """The engine a stage config names, closed afterwards."""
-    engine = create_engine(config.engine.name, model=config.engine.model, **config.engine.options)
-    try:
-        yield engine
-    finally:
-        engine.close()
 
 
 def resolve_format(info: ModelInfo, spec: TemplateSpec) -> ChatFormat:
@@ -243,6 +242,32 @@ def _ipc_bytes(table: pa.Table) -> bytes:
 # ---- stages ----------------------------------------------------------------------------------
 
 
+def _execute(
+    name: str,
+    config: BaseModel,
+    source: pa.Table,
+    shard_size: int,
+    open_store: Callable[[dict[str, Any]], ShardStore],
+    progress: StageProgress,
+    executor: Executor | None,
+    gate: Gate | None = None,
+    engine: Engine | None = None,
+) -> RunSummary:
+    """Run stage `name` over `source` on `executor` (default: a local one made for this call)."""
+    own = executor is None
+    if executor is None:
+        pool = EnginePool()
+        if engine is not None:
+            pool.add(config.engine, engine)  # type: ignore[attr-defined]
+        executor = create_executor(None, pool)
+    try:
+        job = Job(spec_of(name, config), source, shard_size, open_store, progress, gate)
+        return executor.run(job)
+    finally:
+        if own:
+            executor.close()
+
+
 @locking.releasing
 def instructions(
     config: InstructionsConfig,
@@ -250,31 +275,37 @@ def instructions(
     view: ProgressView,
     overwrite: bool = False,
     engine: Engine | None = None,
+    executor: Executor | None = None,
 ) -> tuple[RunSummary, ChatFormat]:
-    """Magpie instruction synthesis into `out`."""
-    from magpie.stages.instructions import InstructionStage
+    """Magpie instruction synthesis into `out`: fixed blocks of `shard_size` attempts, kept in
+    attempt order until `num` rows are accepted."""
+    from magpie.stages.instructions import InstructionGate
 
     ShardStore(out).check_writable()
     _check_budgets(out, config, overwrite)
-    with _engine_or(engine, config) as llm:
-        fmt = resolve_format(llm.info, config.template)
-        if config.turns > 1:
-            fmt.require_assistant_prefix()
-        extra = {"model_id": llm.info.model_id, "chat_format": fmt.to_dict()}
-        store = _open_store(out, "instructions", config, extra, "", overwrite)
+    made: dict[str, Any] = {}
+
+    def open_store(identity: dict[str, Any]) -> ShardStore:
+        made.update(identity)
+        store = _open_store(out, "instructions", config, identity, "", overwrite)
         if (store.read_manifest() or {}).get("short"):  # growing again: not usable until done
             store.update_manifest(complete=False)
-        stage = InstructionStage(llm, fmt, config, llm.info.model_id)
-        summary = run_source(
-            stage,
-            store,
-            config.num,
-            config.shard_size,
-            config.attempt_budget(),
-            view.stage("instructions", config.num),
-        )
-    _mark_short(store, summary, config)
-    return summary, fmt
+        return store
+
+    summary = _execute(
+        "instructions",
+        config,
+        attempt_blocks(config.attempt_budget()),
+        config.shard_size,
+        open_store,
+        view.stage("instructions", config.num),
+        executor,
+        gate=InstructionGate(config.num),
+        engine=engine,
+    )
+    _mark_short(ShardStore(out), summary, config)
+    fmt = made["chat_format"]
+    return summary, ChatFormat(**{**fmt, "stops": tuple(fmt["stops"])})
 
 
 # The setting that binds when most rejections have this reason (flag, config field).
@@ -336,25 +367,26 @@ def responses(
     view: ProgressView,
     overwrite: bool = False,
     engine: Engine | None = None,
+    executor: Executor | None = None,
 ) -> RunSummary:
     """n responses per instruction of `source` into `out`."""
-    from magpie.stages.responses import ResponseStage
-
     table, upstream = load_input(source)
     ShardStore(out).check_writable()
-    with _engine_or(engine, config) as llm:
-        fmt = resolve_format(llm.info, config.template)
-        extra = {"model_id": llm.info.model_id, "chat_format": fmt.to_dict(), "input": str(source)}
-        store = _open_store(out, "responses", config, extra, upstream, overwrite)
-        stage = ResponseStage(llm, fmt, config, llm.info.model_id)
-        return run_transform(
-            "responses",
-            stage,
-            table,
-            store,
-            config.shard_size,
-            view.stage("responses", table.num_rows),
-        )
+
+    def open_store(identity: dict[str, Any]) -> ShardStore:
+        extra = {**identity, "input": str(source)}
+        return _open_store(out, "responses", config, extra, upstream, overwrite)
+
+    return _execute(
+        "responses",
+        config,
+        table,
+        config.shard_size,
+        open_store,
+        view.stage("responses", table.num_rows),
+        executor,
+        engine=engine,
+    )
 
 
 def load_scorer(config: ScoreConfig) -> Any:
@@ -377,95 +409,88 @@ def load_scorer(config: ScoreConfig) -> Any:
 
 @locking.releasing
 def score(
-    config: ScoreConfig, source: Path, out: Path, view: ProgressView, overwrite: bool = False
+    config: ScoreConfig,
+    source: Path,
+    out: Path,
+    view: ProgressView,
+    overwrite: bool = False,
+    executor: Executor | None = None,
 ) -> RunSummary:
     """A reward for every response of `source`, into `out`."""
-    from magpie.stages.rewards import RewardStage
-
     table, upstream = load_input(source)
-    if "responses" not in table.column_names:
-        raise MagpieError(f"input {source} has no 'responses' column: run `magpie responses` first")
+    require_columns(table, source, ["responses"])
     ShardStore(out).check_writable()
-    scorer = load_scorer(config)
-    try:
-        extra = {"reward_model": scorer.model_id, "input": str(source)}
-        store = _open_store(out, "score", config, extra, upstream, overwrite)
-        return run_transform(
-            "score",
-            RewardStage(scorer),
-            table,
-            store,
-            config.shard_size,
-            view.stage("score", table.num_rows),
-        )
-    finally:
-        close = getattr(scorer, "close", None)
-        if close is not None:
-            close()
+
+    def open_store(identity: dict[str, Any]) -> ShardStore:
+        extra = {**identity, "input": str(source)}
+        return _open_store(out, "score", config, extra, upstream, overwrite)
+
+    return _execute(
+        "score",
+        config,
+        table,
+        config.shard_size,
+        open_store,
+        view.stage("score", table.num_rows),
+        executor,
+    )
 
 
 @locking.releasing
 def pairs(
-    config: PairsConfig, source: Path, out: Path, view: ProgressView, overwrite: bool = False
+    config: PairsConfig,
+    source: Path,
+    out: Path,
+    view: ProgressView,
+    overwrite: bool = False,
+    executor: Executor | None = None,
 ) -> RunSummary:
     """Chosen / rejected pairs of `source` into `out`; rows set aside are kept with a reason."""
-    from magpie.stages.pairs import PairStats, make_pairs
-
     table, upstream = load_input(source)
     require_columns(table, source, ["responses", "rewards"])
-    store = _open_store(out, "pairs", config, {"input": str(source)}, upstream, overwrite)
 
-    def transform(chunk: pa.Table, progress: Any) -> TransformOutput:
-        kept, set_aside = make_pairs(chunk, config.min_margin, config.drop_truncated)
-        progress.on_done(chunk.num_rows, 0)
-        return TransformOutput(
-            rows=kept,
-            rejected=set_aside,
-            rejections=PairStats.from_tables(kept, set_aside).set_aside,
-        )
+    def open_store(identity: dict[str, Any]) -> ShardStore:
+        return _open_store(out, "pairs", config, {"input": str(source)}, upstream, overwrite)
 
-    return run_transform(
-        "pairs", transform, table, store, config.shard_size, view.stage("pairs", table.num_rows)
+    return _execute(
+        "pairs",
+        config,
+        table,
+        config.shard_size,
+        open_store,
+        view.stage("pairs", table.num_rows),
+        executor,
     )
 
 
 @locking.releasing
-def tag(config: TagConfig, source: Path, out: Path, view: ProgressView, overwrite: bool = False):
+def tag(
+    config: TagConfig,
+    source: Path,
+    out: Path,
+    view: ProgressView,
+    overwrite: bool = False,
+    executor: Executor | None = None,
+) -> RunSummary:
     """Unitag tags of every row of `source` into `out` (any dataset with an `instruction`)."""
-    from magpie.stages.tags import JUDGE_TAG_NAMES, JudgeTagger, TagStage
-
     table, upstream = load_input(source)
     ShardStore(out).check_writable()
     if "neighbors" in config.tags:
         table = _neighbor_columns(table, config, view)
-    needs_judge = any(
-        t in JUDGE_TAG_NAMES and not (t == "safety" and config.guard_model) for t in config.tags
-    )
-    extra: dict[str, Any] = {"input": str(source)}
-    with contextlib.ExitStack() as stack:
-        judge = guard = scorer = None
-        if needs_judge:
-            llm = stack.enter_context(open_engine(config))
-            fmt = resolve_format(llm.info, config.template)
-            judge = JudgeTagger(llm, fmt, llm.info.model_id, config.seed)
-            extra["judge"] = llm.info.model_id
-        if "safety" in config.tags and config.guard_model:
-            from magpie.rewards.guard import GuardModel
 
-            guard = GuardModel(config.guard_model, trust_remote_code=config.trust_remote_code)
-        if "reward" in config.tags:
-            scorer = load_scorer(
-                ScoreConfig(
-                    reward_model=config.reward_model or "judge",
-                    trust_remote_code=config.trust_remote_code,
-                )
-            )
-            stack.callback(getattr(scorer, "close", lambda: None))
-        store = _open_store(out, "tag", config, extra, upstream, overwrite)
-        stage = TagStage([t for t in config.tags if t != "neighbors"], judge, guard, scorer)
-        return run_transform(
-            "tag", stage, table, store, config.shard_size, view.stage("tag", table.num_rows)
-        )
+    def open_store(identity: dict[str, Any]) -> ShardStore:
+        extra = {"input": str(source), **identity}
+        return _open_store(out, "tag", config, extra, upstream, overwrite)
+
+    return _execute(
+        "tag",
+        config,
+        table,
+        config.shard_size,
+        open_store,
+        view.stage("tag", table.num_rows),
+        executor,
+    )
 
 
 def _neighbor_columns(table: pa.Table, config: TagConfig, view: ProgressView) -> pa.Table:
@@ -496,20 +521,18 @@ def export(
     return export_dataset(source, out, fmt, overwrite=overwrite, all_responses=all_responses)
 
 
-@contextmanager
-def _engine_or(
-    engine: Engine | None, config: InstructionsConfig | ResponsesConfig
-) -> Iterator[Engine]:
-    if engine is not None:
-        yield engine
-    else:
-        with open_engine(config) as llm:
-            yield llm
-
-
 @locking.releasing
-def run_recipe(recipe: Recipe, view: ProgressView, overwrite: bool = False) -> dict[str, Any]:
-    """instructions -> responses -> score -> pairs -> export under `recipe.out`; resumable."""
+def run_recipe(
+    recipe: Recipe,
+    view: ProgressView,
+    overwrite: bool = False,
+    executor: ExecutorSpec | None = None,
+) -> dict[str, Any]:
+    """instructions -> responses -> score -> pairs -> export under `recipe.out`; resumable.
+
+    Every stage runs on one executor (`executor`, else the recipe's `executor:`), so a local run
+    loads a model once for the stages that share it.
+    """
     out = Path(recipe.out)
     ins_cfg, res_cfg = recipe.instructions_config(), recipe.responses_config()
     open_run_root(out, overwrite)
@@ -518,9 +541,10 @@ def run_recipe(recipe: Recipe, view: ProgressView, overwrite: bool = False) -> d
         yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).encode(),
     )
     summaries: dict[str, Any] = {}
-    with open_engine(ins_cfg) as llm:
+    runner = create_executor(executor or recipe.executor)
+    try:
         summaries["instructions"], _ = instructions(
-            ins_cfg, out / "instructions", view, overwrite, engine=llm
+            ins_cfg, out / "instructions", view, overwrite, executor=runner
         )
         if summaries["instructions"].rows == 0:  # a short run goes on; an empty one cannot
             raise MagpieError(
@@ -529,12 +553,17 @@ def run_recipe(recipe: Recipe, view: ProgressView, overwrite: bool = False) -> d
                 .replace("--", "instructions.")
                 .replace("-", "_")
             )
-        shared = llm if res_cfg.engine == ins_cfg.engine else None
         summaries["responses"] = responses(
-            res_cfg, out / "instructions", out / "responses", view, overwrite, engine=shared
+            res_cfg, out / "instructions", out / "responses", view, overwrite, executor=runner
         )
-    summaries["score"] = score(recipe.score, out / "responses", out / "scored", view, overwrite)
-    summaries["pairs"] = pairs(recipe.pairs, out / "scored", out / "pairs", view, overwrite)
+        summaries["score"] = score(
+            recipe.score, out / "responses", out / "scored", view, overwrite, executor=runner
+        )
+        summaries["pairs"] = pairs(
+            recipe.pairs, out / "scored", out / "pairs", view, overwrite, executor=runner
+        )
+    finally:
+        runner.close()
     summaries["export"] = [
         export(out / "pairs", out / "export" / fmt, fmt, overwrite=True) for fmt in recipe.export
     ]

@@ -98,6 +98,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "llamacpp": ("magpie.engines.llamacpp", "LlamaCppEngine"),
     "vllm": ("magpie.engines.vllm", "VLLMEngine"),
     "openai": ("magpie.engines.openai_server", "OpenAIServerEngine"),
+    "fake": ("magpie.engines.fake", "FakeEngine"),
 }
 
 
@@ -137,3 +138,46 @@ def create_engine(name: str, **options: Any) -> Engine:
 
     factory: EngineFactory = getattr(importlib.import_module(module_name), attribute)
     return factory(**options)
+
+
+class EnginePool:
+    """Engines built from their specs in this process, shared by every stage that names them.
+
+    A spec is (name, model, options) — anything with `name`, `model` and `options` attributes,
+    such as `magpie.config.EngineSpec`; it is what travels to a worker, never a live engine.
+    `defaults` fill engine options a spec leaves unset (e.g. CPU threads inside a Ray actor).
+    """
+
+    def __init__(self, defaults: dict[str, dict[str, Any]] | None = None) -> None:
+        self._defaults = defaults or {}
+        self._engines: dict[str, Engine] = {}
+        self._closers: list[Callable[[], None]] = []
+
+    @staticmethod
+    def key(spec: Any) -> str:
+        import json
+
+        return json.dumps([spec.name, spec.model, spec.options], sort_keys=True, default=str)
+
+    def add(self, spec: Any, engine: Engine) -> None:
+        """Use an engine built elsewhere for `spec` (the caller closes it)."""
+        self._engines[self.key(spec)] = engine
+
+    def get(self, spec: Any) -> Engine:
+        """The engine of `spec`, built on first use."""
+        key = self.key(spec)
+        if key not in self._engines:
+            options = {**self._defaults.get(spec.name, {}), **spec.options}
+            engine = create_engine(spec.name, model=spec.model, **options)
+            self._engines[key] = engine
+            self._closers.append(engine.close)
+        return self._engines[key]
+
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Call `closer` when the pool closes (reward models and other held resources)."""
+        self._closers.append(closer)
+
+    def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
+        self._engines.clear()

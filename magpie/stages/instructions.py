@@ -18,6 +18,7 @@ import pyarrow as pa
 from magpie.config import InstructionsConfig
 from magpie.engines.base import Completion, Engine, ProgressCallback, Request, Sampling
 from magpie.schema import REJECTED_SCHEMA, instructions_schema, row_uuid
+from magpie.stages.base import Progress, TransformOutput
 from magpie.templates import ChatFormat, markers
 
 REJECTION_REASONS = (
@@ -63,7 +64,15 @@ class _Attempt:
 
 
 class InstructionStage:
-    """Generates and checks instructions (and, for multi-turn, the replies between them)."""
+    """Generates and checks instructions (and, for multi-turn, the replies between them).
+
+    Its slices are blocks of attempt numbers (an `attempt` column); a block's rows depend only on
+    the config and the block, so blocks run in any order on any worker. Duplicates are removed
+    within a block here and across blocks by `InstructionGate` on the driver.
+    """
+
+    name = "instructions"
+    required_columns = ("attempt",)
 
     def __init__(
         self, engine: Engine, chat_format: ChatFormat, config: InstructionsConfig, model_id: str
@@ -72,7 +81,6 @@ class InstructionStage:
         self.format = chat_format
         self.config = config
         self.model_id = model_id
-        self.seen: set[str] = set()
         self._leak_markers = tuple(
             dict.fromkeys(
                 markers(chat_format.pre_query + (chat_format.assistant_prefix or ""))
@@ -92,10 +100,6 @@ class InstructionStage:
             stop=chat_format.stops,
         )
 
-    def observe(self, rows: pa.Table) -> None:
-        """Remember committed rows so later shards reject their duplicates."""
-        self.seen.update(dedup_key(t) for t in rows.column("instruction").to_pylist())
-
     def rejection_reason(self, completion: Completion) -> str | None:
         """Why a generated user message is unusable, or None when it is fine."""
         text = completion.text.strip()
@@ -109,8 +113,15 @@ class InstructionStage:
             return "template_leak"
         return None
 
+    def __call__(self, rows: pa.Table, progress: Progress) -> TransformOutput:
+        """Run the attempts of a block (its `attempt` column); see `run`."""
+        out = self.run(rows.column("attempt").to_pylist(), progress.on_done)
+        return TransformOutput(
+            rows=out.rows, rejected=out.rejected, tokens=out.tokens, rejections=dict(out.rejections)
+        )
+
     def run(self, attempts: Sequence[int], on_done: ProgressCallback | None = None) -> ShardOutput:
-        """Run `attempts` through every turn; accepted rows are deduplicated in attempt order."""
+        """Run `attempts` through every turn; rows are deduplicated within the block."""
         live = [_Attempt(a, attempt_seed(self.config.seed, a, 1)) for a in attempts]
         rejected: list[dict] = []
         tokens = 0
@@ -123,13 +134,13 @@ class InstructionStage:
         if self.config.turns > 1:
             live, used = self._reply(live, self.config.turns, rejected, on_done)
             tokens += used
-        rows = []
+        rows, seen = [], set()
         for attempt in live:
             key = dedup_key(attempt.turns[0][0])
-            if key in self.seen:
+            if key in seen:
                 rejected.append(_rejection(attempt.number, "duplicate", attempt.turns[0][0], 1))
                 continue
-            self.seen.add(key)
+            seen.add(key)
             rows.append(self._row(attempt))
         schema = instructions_schema(self.config.turns > 1)
         return ShardOutput(
@@ -229,3 +240,51 @@ class InstructionStage:
 
 def _rejection(attempt: int, reason: str, text: str, turn: int) -> dict:
     return {"attempt": attempt, "reason": reason, "text": text, "turn": turn}
+
+
+class InstructionGate:
+    """Driver-side, in attempt order: drops rows seen in earlier blocks and trims to `num`.
+
+    Blocks are committed in order through it, so the dataset equals what one process running
+    every attempt in order would keep, however the blocks were scheduled.
+    """
+
+    def __init__(self, num: int) -> None:
+        self.num = num
+        self.rows = 0
+        self.seen: set[str] = set()
+
+    @property
+    def done(self) -> bool:
+        return self.rows >= self.num
+
+    def observe(self, rows: pa.Table | None) -> None:
+        """Account for a block an earlier run committed."""
+        if rows is not None:
+            self.seen.update(dedup_key(t) for t in rows.column("instruction").to_pylist())
+            self.rows += rows.num_rows
+
+    def accept(self, out: TransformOutput) -> tuple[TransformOutput, dict]:
+        """The part of a block's output to commit, and bookkeeping for its shard info."""
+        keep, dropped = [], []
+        attempts = out.rows.column("attempt").to_pylist()
+        for i, text in enumerate(out.rows.column("instruction").to_pylist()):
+            key = dedup_key(text)
+            if key in self.seen:
+                dropped.append(_rejection(attempts[i], "duplicate", text, 1))
+            else:
+                self.seen.add(key)
+                keep.append(i)
+        rows = out.rows.take(pa.array(keep, pa.int64()))
+        kept = rows.slice(0, self.num - self.rows)
+        self.rows += kept.num_rows
+        rejections = Counter(out.rejections)
+        rejections.update(r["reason"] for r in dropped)
+        rejected = out.rejected
+        if dropped:
+            extra = pa.Table.from_pylist(dropped, schema=REJECTED_SCHEMA)
+            rejected = extra if rejected is None else pa.concat_tables([rejected, extra])
+        accepted = TransformOutput(
+            rows=kept, rejected=rejected, tokens=out.tokens, rejections=dict(rejections)
+        )
+        return accepted, {"surplus": rows.num_rows - kept.num_rows}

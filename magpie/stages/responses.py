@@ -29,6 +29,9 @@ def row_seed(run_seed: int, uuid: str) -> int:
 class ResponseStage:
     """Samples `config.n` responses per row in one request (the engine shares the prompt)."""
 
+    name = "responses"
+    required_columns = ("instruction", "uuid")
+
     def __init__(
         self, engine: Engine, chat_format: ChatFormat, config: ResponsesConfig, model_id: str
     ) -> None:

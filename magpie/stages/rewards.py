@@ -45,6 +45,9 @@ def conversation(history: list[tuple[str, str]], user: str, response: str) -> Co
 class RewardStage:
     """Adds `rewards` (list of floats), `reward_model` and `rewards_<name>` (list of {score})."""
 
+    name = "score"
+    required_columns = ("instruction", "responses")
+
     def __init__(self, scorer: Scorer) -> None:
         self.scorer = scorer
 

@@ -208,6 +208,9 @@ class JudgeTagger:
 class TagStage:
     """Adds the requested per-row tags (all but `neighbors`) to a slice of rows."""
 
+    name = "tag"
+    required_columns = ("instruction",)
+
     def __init__(
         self,
         tags: Sequence[str],

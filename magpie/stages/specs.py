@@ -1,0 +1,119 @@
+"""Builders of every stage from its config, run where the stage runs (this process or an actor).
+
+Each is a module-level function `build(config, engines) -> (stage, identity)`, referenced by a
+picklable `StageSpec`; engines come from the pool of the process the stage runs in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from magpie.config import InstructionsConfig, PairsConfig, ResponsesConfig, ScoreConfig, TagConfig
+from magpie.engines.base import EnginePool
+from magpie.stages.base import Progress, Stage, StageSpec, TransformOutput
+
+Built = tuple[Stage, dict[str, Any]]
+
+
+def build_instructions(config: InstructionsConfig, engines: EnginePool) -> Built:
+    from magpie.pipeline import resolve_format
+    from magpie.stages.instructions import InstructionStage
+
+    llm = engines.get(config.engine)
+    fmt = resolve_format(llm.info, config.template)
+    if config.turns > 1:
+        fmt.require_assistant_prefix()
+    identity = {
+        "model_id": llm.info.model_id,
+        "chat_format": fmt.to_dict(),
+        "shards": "attempt-blocks",
+    }
+    return InstructionStage(llm, fmt, config, llm.info.model_id), identity
+
+
+def build_responses(config: ResponsesConfig, engines: EnginePool) -> Built:
+    from magpie.pipeline import resolve_format
+    from magpie.stages.responses import ResponseStage
+
+    llm = engines.get(config.engine)
+    fmt = resolve_format(llm.info, config.template)
+    identity = {"model_id": llm.info.model_id, "chat_format": fmt.to_dict()}
+    return ResponseStage(llm, fmt, config, llm.info.model_id), identity
+
+
+def build_score(config: ScoreConfig, engines: EnginePool) -> Built:
+    from magpie.pipeline import load_scorer
+    from magpie.stages.rewards import RewardStage
+
+    scorer = load_scorer(config)
+    engines.on_close(getattr(scorer, "close", lambda: None))
+    return RewardStage(scorer), {"reward_model": scorer.model_id}
+
+
+class PairStage:
+    """Chosen / rejected pairs of a slice; rows set aside are kept with their reason."""
+
+    name = "pairs"
+    required_columns = ("responses", "rewards")
+
+    def __init__(self, config: PairsConfig) -> None:
+        self.config = config
+
+    def __call__(self, rows: pa.Table, progress: Progress) -> TransformOutput:
+        from magpie.stages.pairs import PairStats, make_pairs
+
+        kept, set_aside = make_pairs(rows, self.config.min_margin, self.config.drop_truncated)
+        progress.on_done(rows.num_rows, 0)
+        return TransformOutput(
+            rows=kept,
+            rejected=set_aside,
+            rejections=PairStats.from_tables(kept, set_aside).set_aside,
+        )
+
+
+def build_pairs(config: PairsConfig, engines: EnginePool) -> Built:
+    return PairStage(config), {}
+
+
+def build_tag(config: TagConfig, engines: EnginePool) -> Built:
+    """Per-row tags (neighbours are computed over the whole dataset by the driver beforehand)."""
+    from magpie.pipeline import load_scorer, resolve_format
+    from magpie.stages.tags import JUDGE_TAG_NAMES, JudgeTagger, TagStage
+
+    judge = guard = scorer = None
+    identity: dict[str, Any] = {}
+    if any(
+        t in JUDGE_TAG_NAMES and not (t == "safety" and config.guard_model) for t in config.tags
+    ):
+        llm = engines.get(config.engine)
+        fmt = resolve_format(llm.info, config.template)
+        judge = JudgeTagger(llm, fmt, llm.info.model_id, config.seed)
+        identity["judge"] = llm.info.model_id
+    if "safety" in config.tags and config.guard_model:
+        from magpie.rewards.guard import GuardModel
+
+        guard = GuardModel(config.guard_model, trust_remote_code=config.trust_remote_code)
+    if "reward" in config.tags:
+        scorer = load_scorer(
+            ScoreConfig(
+                reward_model=config.reward_model or "judge",
+                trust_remote_code=config.trust_remote_code,
+            )
+        )
+        engines.on_close(getattr(scorer, "close", lambda: None))
+    stage = TagStage([t for t in config.tags if t != "neighbors"], judge, guard, scorer)
+    return stage, identity
+
+
+def spec_of(name: str, config: Any) -> StageSpec:
+    """The picklable spec of the stage `name` with `config`."""
+    builders = {
+        "instructions": build_instructions,
+        "responses": build_responses,
+        "score": build_score,
+        "pairs": build_pairs,
+        "tag": build_tag,
+    }
+    return StageSpec(name, builders[name], config)
