@@ -29,6 +29,7 @@ from magpie.config import (
     TemplateSpec,
     config_hash,
 )
+from magpie.doctor import environment
 from magpie.engines.base import Engine, EnginePool, ModelInfo
 from magpie.errors import MagpieError
 from magpie.executors.base import (
@@ -43,7 +44,7 @@ from magpie.executors.base import (
     create_executor,
 )
 from magpie.schema import row_uuid
-from magpie.stages.specs import spec_of
+from magpie.stages.specs import ENVIRONMENT, spec_of
 from magpie.store import ShardStore, atomic_write_bytes, open_run_root
 from magpie.templates import ChatFormat, chat_format_for
 
@@ -71,6 +72,8 @@ def _open_store(
 ) -> ShardStore:
     if "input" in extra:
         refuse_overlap(Path(extra["input"]), out)
+    extra = dict(extra)
+    built_on = extra.pop(ENVIRONMENT, None) or environment()
     store = ShardStore(out)
     resolved = {
         "magpie_version": __version__,
@@ -79,6 +82,7 @@ def _open_store(
         **extra,
     }
     store.open_for_write(stage, resolved, _digest(config_hash(config), extra, upstream), overwrite)
+    store.update_manifest(environment=built_on)
     return store
 
 

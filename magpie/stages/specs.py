@@ -11,10 +11,15 @@ from typing import Any
 import pyarrow as pa
 
 from magpie.config import InstructionsConfig, PairsConfig, ResponsesConfig, ScoreConfig, TagConfig
+from magpie.doctor import environment
 from magpie.engines.base import EnginePool
 from magpie.stages.base import Progress, Stage, StageSpec, TransformOutput
 
 Built = tuple[Stage, dict[str, Any]]
+
+ENVIRONMENT = "environment"
+"""Identity key of where the stage was built (CPU, engine runtime): recorded in the output's
+manifest, never part of its configuration hash (a dataset resumes on another machine)."""
 
 
 def build_instructions(config: InstructionsConfig, engines: EnginePool) -> Built:
@@ -29,6 +34,7 @@ def build_instructions(config: InstructionsConfig, engines: EnginePool) -> Built
         "model_id": llm.info.model_id,
         "chat_format": fmt.to_dict(),
         "shards": "attempt-blocks",
+        ENVIRONMENT: environment(llm),
     }
     return InstructionStage(llm, fmt, config, llm.info.model_id), identity
 
@@ -39,7 +45,11 @@ def build_responses(config: ResponsesConfig, engines: EnginePool) -> Built:
 
     llm = engines.get(config.engine)
     fmt = resolve_format(llm.info, config.template)
-    identity = {"model_id": llm.info.model_id, "chat_format": fmt.to_dict()}
+    identity = {
+        "model_id": llm.info.model_id,
+        "chat_format": fmt.to_dict(),
+        ENVIRONMENT: environment(llm),
+    }
     return ResponseStage(llm, fmt, config, llm.info.model_id), identity
 
 
@@ -91,6 +101,7 @@ def build_tag(config: TagConfig, engines: EnginePool) -> Built:
         fmt = resolve_format(llm.info, config.template)
         judge = JudgeTagger(llm, fmt, llm.info.model_id, config.seed)
         identity["judge"] = llm.info.model_id
+        identity[ENVIRONMENT] = environment(llm)
     if "safety" in config.tags and config.guard_model:
         from magpie.rewards.guard import GuardModel
 
