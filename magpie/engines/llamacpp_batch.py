@@ -107,10 +107,18 @@ class BatchDecoder:
         n_cells: KV cache cells shared by all sequences (the unified cache's size).
         capacity: most tokens per `llama_decode`.
         n_threads: CPU threads.
+        flash_attn: use llama.cpp's flash attention (faster here: it skips other sequences' cells).
     """
 
     def __init__(
-        self, llm: Any, *, n_seq: int, n_cells: int, capacity: int, n_threads: int
+        self,
+        llm: Any,
+        *,
+        n_seq: int,
+        n_cells: int,
+        capacity: int,
+        n_threads: int,
+        flash_attn: bool = True,
     ) -> None:
         self._llm = llm
         self._vocab = llm._model.vocab
@@ -123,7 +131,9 @@ class BatchDecoder:
         params.n_batch = self.capacity
         params.n_ubatch = min(self.capacity, max(1, llm.context_params.n_ubatch))
         params.n_seq_max = self.n_seq + 2
-        params.kv_unified = True
+        params.kv_unified = True  # a copied prefix is shared cells, not a copy of them
+        if flash_attn:  # the CPU kernel skips masked cells: cost follows a sequence's own length
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.n_threads = params.n_threads_batch = n_threads
         try:
             self._ctx = internals.LlamaContext(model=llm._model, params=params, verbose=False)
@@ -177,7 +187,7 @@ class BatchDecoder:
                 slot = free.pop(0)
                 source = self._holder if group.holder_ready else self._root
                 if start:
-                    llama_cpp.llama_memory_seq_cp(self._memory, source, slot, 0, start)
+                    self._copy(source, slot, start)
                 live = _Live(
                     index=index,
                     spec=spec,
@@ -207,9 +217,7 @@ class BatchDecoder:
                 group = live.group
                 if group.filler is live and live.pos >= len(group.tokens) - 1:
                     llama_cpp.llama_memory_seq_rm(self._memory, self._holder, -1, -1)
-                    llama_cpp.llama_memory_seq_cp(
-                        self._memory, live.slot, self._holder, 0, len(group.tokens) - 1
-                    )
+                    self._copy(live.slot, self._holder, len(group.tokens) - 1)
                     group.filler = None
                     group.holder_ready = group.admitted < len(group.members)
             still = []
@@ -252,6 +260,10 @@ class BatchDecoder:
             if len(group.members) > 1 and len(group.tokens) - 1 > root:
                 group.shared = len(group.tokens) - 1 - root
         return groups
+
+    def _copy(self, source: int, target: int, upto: int) -> None:
+        """Give sequence `target` the KV of positions [0, upto) of sequence `source`."""
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, 0, upto)
 
     def _eval_root(self, tokens: list[int]) -> None:
         """Evaluate the shared prefix into the root sequence, no logits."""
