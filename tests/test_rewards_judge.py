@@ -164,10 +164,9 @@ def test_scores_are_finite_in_range_and_not_all_equal(scores: list[float]) -> No
 
 def test_scores_are_deterministic_for_the_same_batch(judge: JudgeRewardModel, scores) -> None:
     """The same batch scores the same whatever ran before (batched logits depend on the batch)."""
-    judge.score([CONVERSATIONS[3], CONVERSATIONS[0]])
+    first = judge.score([CONVERSATIONS[3], CONVERSATIONS[0]])
     assert judge.score(CONVERSATIONS) == scores
-    other = judge.score([CONVERSATIONS[3], CONVERSATIONS[0]])
-    assert other == pytest.approx([scores[3], scores[0]], abs=0.05)
+    assert judge.score([CONVERSATIONS[3], CONVERSATIONS[0]]) == first
 
 
 def test_good_answers_beat_off_topic_ones(scores: list[float]) -> None:
