@@ -47,7 +47,9 @@ def bundled_model_path() -> Path:
 
 
 DEFAULT_BATCH_SIZE = 32
-"""Sequences decoded at once by default (measured on 2 cores: see bench/instructions.py)."""
+"""Sequences decoded at once by default."""
+KV_BUDGET_BYTES = 1 << 30
+"""Default KV cache size cap: 512 cells per sequence, at most this many bytes."""
 
 
 class LlamaCppEngine:
@@ -55,8 +57,8 @@ class LlamaCppEngine:
 
     Options (recipe `engine.options`): `n_ctx` (context of one sequence: prompt + max_tokens must
     fit), `batch_size` (sequences decoded at once), `kv_cells` (KV cache cells shared by all
-    sequences; default max(n_ctx, 512 x batch_size)), `n_threads`, `n_batch` (most tokens per
-    decode, capped by the CPU runtime's limit).
+    sequences; default 512 x batch_size, at most 1 GiB of KV), `n_threads`, `n_batch` (most
+    tokens per decode, capped by the CPU runtime's limit).
     """
 
     name = "llamacpp"
@@ -106,7 +108,7 @@ class LlamaCppEngine:
         if not vocab_only:
             capacity = max(1, min(int(n_batch), self.runtime.max_batch_tokens))
             n_seq = 1 if self.runtime.max_batch_tokens <= 1 else int(batch_size)
-            cells = int(kv_cells) if kv_cells else max(self._n_ctx, 512 * n_seq)
+            cells = int(kv_cells) if kv_cells else min(512 * n_seq, self._kv_budget_cells())
             self._decoder = BatchDecoder(
                 self._llm,
                 n_seq=n_seq,
@@ -114,6 +116,16 @@ class LlamaCppEngine:
                 capacity=capacity,
                 n_threads=threads,
             )
+
+    def _kv_budget_cells(self) -> int:
+        """KV cells that fit in KV_BUDGET_BYTES (f16 keys and values of every layer)."""
+        import llama_cpp
+
+        model = self._llm._model.model
+        heads = max(llama_cpp.llama_model_n_head(model), 1)
+        kv_dim = llama_cpp.llama_model_n_embd(model) * llama_cpp.llama_model_n_head_kv(model)
+        per_cell = max(llama_cpp.llama_model_n_layer(model) * 2 * 2 * kv_dim // heads, 1)
+        return KV_BUDGET_BYTES // per_cell
 
     @property
     def info(self) -> ModelInfo:

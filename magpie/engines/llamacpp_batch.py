@@ -29,6 +29,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
+from llama_cpp._utils import suppress_stdout_stderr
 
 from magpie.engines.base import EngineError, Sampling
 
@@ -136,7 +137,8 @@ class BatchDecoder:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.n_threads = params.n_threads_batch = n_threads
         try:
-            self._ctx = internals.LlamaContext(model=llm._model, params=params, verbose=False)
+            with suppress_stdout_stderr(disable=False):  # a context-size notice, not an error
+                self._ctx = internals.LlamaContext(model=llm._model, params=params, verbose=False)
         except ValueError as exc:
             raise EngineError(
                 f"llama.cpp could not make a context of {n_cells} KV cells for {self.n_seq} "
