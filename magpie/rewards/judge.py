@@ -153,7 +153,8 @@ class JudgeRewardModel:
         chat_format: the judge model's chat format (`chat_format_for(info.chat_template, ...)`).
         model_id: the judge model's id; `model_id` becomes "judge:<model_id>".
         scale: (low, high) of the rating, whole numbers with 0 <= low < high <= 10.
-        batch_size: conversations per engine call; `progress` is told after each batch.
+        batch_size: conversations per engine call; `progress` is told after each batch. Large,
+            so a batching engine (llama.cpp) decodes a whole shard's judgements together.
         top_k: how many top log-probabilities to request per token.
         split_min_share: when "1" holds less than this share of the rating mass and is not the
             greedy token, skip the extra request that splits it into 1 and 10 and leave it out;
@@ -172,7 +173,7 @@ class JudgeRewardModel:
         chat_format: ChatFormat,
         model_id: str,
         scale: tuple[int, int] = (1, 10),
-        batch_size: int = 16,
+        batch_size: int = 256,
         *,
         top_k: int = 20,
         split_min_share: float = 0.01,

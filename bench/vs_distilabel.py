@@ -1,0 +1,94 @@
+"""`magpie instructions --num N` vs distilabel's `MagpieGenerator` on the same GGUF and template.
+
+Both sides use the bundled SmolLM2 GGUF through llama.cpp, the same pre-query template, T=1.0,
+top_p=1.0 and the same max tokens; the figure is instructions/s and its ratio (target >= 3x).
+distilabel is not a dependency of ours: install it beside ours in its own venv, e.g.
+
+    python -m venv /work/venv-distilabel
+    /work/venv-distilabel/bin/pip install "distilabel[llama-cpp]==1.5.3" -e .
+    /work/venv-distilabel/bin/python bench/vs_distilabel.py --num 64
+
+Without distilabel this prints why and exits 0 (it installs nothing at run time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_magpie(num: int, max_tokens: int) -> float:
+    """Seconds `magpie instructions` takes for `num` rows (a fresh process, as a user runs it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "magpie",
+                "instructions",
+                "--num",
+                str(num),
+                "--max-tokens",
+                str(max_tokens),
+                "--out",
+                str(Path(tmp) / "ins"),
+                "--quiet",
+            ],
+            check=True,
+        )
+        return time.perf_counter() - started
+
+
+def run_distilabel(num: int, max_tokens: int) -> float:
+    """Seconds distilabel's MagpieGenerator takes for `num` instructions on the same model."""
+    from distilabel.models.llms import LlamaCppLLM
+    from distilabel.steps.tasks import MagpieGenerator
+
+    from magpie.engines.llamacpp import LlamaCppEngine, bundled_model_path
+    from magpie.templates import chat_format_for
+
+    engine = LlamaCppEngine(vocab_only=True)
+    info = engine.info
+    fmt = chat_format_for(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
+    engine.close()
+    llm = LlamaCppLLM(
+        model_path=str(bundled_model_path()),
+        n_ctx=2048,
+        magpie_pre_query_template=fmt.pre_query,
+        generation_kwargs={"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_tokens},
+    )
+    task = MagpieGenerator(llm=llm, n_turns=1, num_rows=num, batch_size=num, only_instruction=True)
+    task.load()
+    started = time.perf_counter()
+    rows = [row for batch, _ in task.process() for row in batch]
+    seconds = time.perf_counter() - started
+    assert len(rows) >= num, f"distilabel made {len(rows)} rows"
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    args = parser.parse_args()
+    try:
+        import distilabel  # noqa: F401
+    except ImportError:
+        print("distilabel is not importable here: skipped (see this file's docstring to install)")
+        return
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    ours = run_magpie(args.num, args.max_tokens)
+    theirs = run_distilabel(args.num, args.max_tokens)
+    print(f"magpie     : {args.num} instructions in {ours:.1f} s ({args.num / ours:.2f}/s)")
+    print(f"distilabel : {args.num} instructions in {theirs:.1f} s ({args.num / theirs:.2f}/s)")
+    print(f"ratio      : {theirs / ours:.2f}x instructions/s")
+
+
+if __name__ == "__main__":
+    main()
