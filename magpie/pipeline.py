@@ -195,6 +195,50 @@ def responses(
         )
 
 
+def extend(
+    config: Any,
+    source: Path,
+    out: Path,
+    view: ProgressView,
+    overwrite: bool = False,
+    engine: Engine | None = None,
+) -> RunSummary:
+    """Follow-up turns for the rows of `source` (an `ExtendConfig`), into `out`."""
+    from magpie.stages.extend import ExtendStage, followup_template
+
+    table, upstream = load_input(source)
+    if not {"response", "conversations"} & set(table.column_names):
+        raise MagpieError(
+            f"input {source} has no 'response' or 'conversations' column to extend: run "
+            "`magpie responses --n 1` first, or give rows with instruction and response"
+        )
+    ShardStore(out).check_writable()
+    with _engine_or(engine, config) as llm:
+        reply_format = resolve_format(llm.info, config.template)
+        try:
+            query_format = resolve_format(llm.info, followup_template(config))
+        except MagpieError as exc:
+            raise MagpieError(
+                f"follow-up user turns: {exc} (for this stage: --followup-system-prompt none)"
+            ) from None
+        extra = {
+            "model_id": llm.info.model_id,
+            "chat_format": reply_format.to_dict(),
+            "followup_chat_format": query_format.to_dict(),
+            "input": str(source),
+        }
+        store = _open_store(out, "extend", config, extra, upstream, overwrite)
+        stage = ExtendStage(llm, query_format, reply_format, config)
+        return run_transform(
+            "extend",
+            stage,
+            table,
+            store,
+            config.shard_size,
+            view.stage("extend", table.num_rows),
+        )
+
+
 def load_scorer(config: ScoreConfig) -> Any:
     """The reward backend a score config names."""
     spec = config.reward_model
@@ -266,9 +310,10 @@ def pairs(
 
 def tag(config: TagConfig, source: Path, out: Path, view: ProgressView, overwrite: bool = False):
     """Unitag tags of every row of `source` into `out` (any dataset with an `instruction`)."""
-    from magpie.stages.tags import JUDGE_TAG_NAMES, JudgeTagger, TagStage
+    from magpie.stages.tags import JUDGE_TAG_NAMES, JudgeTagger, TagStage, resolve_safety_on
 
     table, upstream = load_input(source)
+    safety_on = resolve_safety_on(config.safety_on, table.column_names)
     ShardStore(out).check_writable()
     if "neighbors" in config.tags:
         table = _neighbor_columns(table, config, view)
@@ -276,6 +321,8 @@ def tag(config: TagConfig, source: Path, out: Path, view: ProgressView, overwrit
         t in JUDGE_TAG_NAMES and not (t == "safety" and config.guard_model) for t in config.tags
     )
     extra: dict[str, Any] = {"input": str(source)}
+    if "safety" in config.tags:
+        extra["safety_on"] = safety_on
     with contextlib.ExitStack() as stack:
         judge = guard = scorer = None
         if needs_judge:
@@ -296,7 +343,9 @@ def tag(config: TagConfig, source: Path, out: Path, view: ProgressView, overwrit
             )
             stack.callback(getattr(scorer, "close", lambda: None))
         store = _open_store(out, "tag", config, extra, upstream, overwrite)
-        stage = TagStage([t for t in config.tags if t != "neighbors"], judge, guard, scorer)
+        stage = TagStage(
+            [t for t in config.tags if t != "neighbors"], judge, guard, scorer, safety_on
+        )
         return run_transform(
             "tag", stage, table, store, config.shard_size, view.stage("tag", table.num_rows)
         )
