@@ -29,10 +29,8 @@ ROWS = [
      "Lower the egg into boiling water for six minutes, then cool it under cold water."),
     ("Name three primary colours.", "Red, yellow and blue are the traditional primary colours."),
     ("What is the capital of France?", "The capital of France is Paris."),
-    ("Give me one tip for learning to code.",
-     "Practise a little every day by building small projects you care about."),
 ]  # fmt: skip
-SMALL = {"max_tokens": 96, "response_max_tokens": 48, "min_chars": 4}
+SMALL = {"max_tokens": 64, "response_max_tokens": 32, "min_chars": 4}
 
 
 class Recording:
@@ -123,7 +121,7 @@ def test_two_turns_on_the_bundled_model(engine, tmp_path: Path) -> None:
     # a second run with the same settings resumes to the same rows without generating
     spy.requests.clear()
     again = pipeline.extend(config, source, tmp_path / "out", view(), engine=spy)
-    assert again.resumed_shards == 2 and spy.requests == []
+    assert again.resumed_shards == 2 == again.shards and spy.requests == []
 
 
 def test_rows_already_long_enough_are_flattened_without_generation(engine, tmp_path: Path) -> None:
@@ -156,8 +154,8 @@ def test_bad_input_and_settings_are_one_line(tmp_path: Path) -> None:
 
 def test_resume_after_kill_writes_the_same_rows(tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "sft.jsonl", ROWS)
-    args = ["--in", str(source), "--turns", "2", "--shard-size", "1", "--max-tokens", "96",
-            "--response-max-tokens", "48", "--min-chars", "4", "-q"]  # fmt: skip
+    args = ["--in", str(source), "--turns", "2", "--shard-size", "1", "--max-tokens", "64",
+            "--response-max-tokens", "32", "--min-chars", "4", "-q"]  # fmt: skip
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     result = run_cli("extend", "--out", str(clean), *args)
     assert result.returncode == 0, result.stderr

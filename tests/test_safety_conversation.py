@@ -167,7 +167,7 @@ def test_judge_safety_on_a_conversation(engine) -> None:
     fmt = chat_format_for(info.chat_template, bos_token=info.bos_token, eos_token=info.eos_token)
     spy = Recording(engine)
     judge = JudgeTagger(spy, fmt, info.model_id)
-    table = pa.Table.from_pylist(SFT[:2])
+    table = pa.Table.from_pylist([{**r, "uuid": f"u{i}"} for i, r in enumerate(SFT[:1])])
     out = TagStage(["safety"], judge=judge, safety_on="response")(table, NullProgress())
     rows = out.rows.to_pylist()
     for row, prompt in zip(rows, spy.prompts, strict=False):
