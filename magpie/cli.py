@@ -508,6 +508,81 @@ def pairs(
 
 @app.command()
 @friendly_errors
+def extend(
+    source: InOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
+    turns: Annotated[int, typer.Option(help="User turns per conversation after extension.")] = 2,
+    engine: EngineOpt = "llamacpp",
+    model: ModelOpt = None,
+    system_prompt: SystemOpt = None,
+    followup_system_prompt: Annotated[
+        str | None,
+        typer.Option(
+            help="System turn of the prompt that writes the next user message "
+            "(text or 'none'). Default: ours, saying the user asks follow-up questions."
+        ),
+    ] = None,
+    pre_query_template: PreQueryOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    temperature: Annotated[float, typer.Option(help="Temperature of the user turns.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling of the user turns.")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Max new tokens of a user turn.")] = 256,
+    response_temperature: Annotated[
+        float, typer.Option(help="Temperature of the replies (0 = greedy).")
+    ] = 0.0,
+    response_top_p: Annotated[float, typer.Option(help="Nucleus sampling of the replies.")] = 1.0,
+    response_max_tokens: Annotated[int, typer.Option(help="Max new tokens of a reply.")] = 1024,
+    repetition_penalty: Annotated[float, typer.Option(help="Repetition penalty (replies).")] = 1.0,
+    min_chars: Annotated[int, typer.Option(help="Set aside rows whose user turn is shorter.")] = 8,
+    seed: Annotated[int, typer.Option(help="Run seed; row seeds derive from it and the uuid.")] = 0,
+    shard_size: Annotated[int, typer.Option(help="Rows per committed shard.")] = 16,
+    n_threads: Annotated[int | None, typer.Option(help="CPU threads (llamacpp).")] = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
+    concurrency: ConcurrencyOpt = 8,
+    tokenizer: TokenizerOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Extend single-turn rows (instruction + response) to multi-turn conversations.
+
+    Writes `conversations` and the flat instruction_2, response_2, ... columns. Rerun the same
+    command after an interruption to resume.
+    """
+    from magpie.stages.extend import ExtendConfig
+
+    config = ExtendConfig.model_validate(
+        {
+            "engine": {
+                "name": engine,
+                "model": model,
+                "options": _engine_options(
+                    n_threads, base_url, api_key_env, concurrency, tokenizer
+                ),
+            },
+            "template": _template(chat_template, system_prompt, pre_query_template),
+            "followup_system_prompt": followup_system_prompt,
+            "turns": turns,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_tokens": max_tokens,
+            "response_temperature": response_temperature,
+            "response_top_p": response_top_p,
+            "response_max_tokens": response_max_tokens,
+            "repetition_penalty": repetition_penalty,
+            "min_chars": min_chars,
+            "seed": seed,
+            "shard_size": shard_size,
+        }
+    )
+    view = ProgressView(err_console, enabled=not quiet)
+    with view.shown():
+        summary = pipeline.extend(config, source, out, view, overwrite)
+    print_summary(summary)
+
+
+@app.command()
+@friendly_errors
 def export(
     source: InOpt,
     out: OutOpt = None,
@@ -564,6 +639,13 @@ def tag(
     guard_model: Annotated[
         str | None, typer.Option(help="Llama-Guard-style model for the safety tag (else judge).")
     ] = None,
+    safety_on: Annotated[
+        str,
+        typer.Option(
+            help="What the safety tag classifies: auto (the conversation when rows have one: "
+            "chosen, else response), instruction, response or chosen."
+        ),
+    ] = "auto",
     reward_model: Annotated[
         str | None, typer.Option(help="Reward model of the reward tag (HF path or 'judge').")
     ] = None,
@@ -574,6 +656,9 @@ def tag(
     neighbor_threshold: Annotated[
         float, typer.Option(help="Squared L2 distance under which rows count as repeats.")
     ] = 0.15,
+    neighbor_k: Annotated[
+        int, typer.Option("--k", "--neighbor-k", help="Neighbours searched per row.")
+    ] = 20,
     index: Annotated[str, typer.Option(help="k-NN index: auto, flat, ivf or hnsw.")] = "auto",
     seed: SeedOpt = 0,
     shard_size: Annotated[int, typer.Option(help="Rows per committed shard.")] = 16,
@@ -595,10 +680,12 @@ def tag(
             },
             "template": _template(chat_template, system_prompt, pre_query_template),
             "guard_model": guard_model,
+            "safety_on": safety_on,
             "reward_model": reward_model,
             "trust_remote_code": trust_remote_code,
             "embedding_model": embedding_model,
             "neighbor_threshold": neighbor_threshold,
+            "neighbor_k": neighbor_k,
             "index": index,
             "seed": seed,
             "shard_size": shard_size,
@@ -628,11 +715,25 @@ def filter_rows(
     preset: Annotated[
         list[str] | None,
         typer.Option(
-            help="Named preset: magpie-filtered, dpo-margin, english, no-duplicates, safe."
+            help="Named preset: magpie-filtered, magpie-dpo-selection, instruction-length, "
+            "dpo-margin, english, no-duplicates, safe."
         ),
     ] = None,
     param: Annotated[
         list[str] | None, typer.Option(help="Preset parameter KEY=VALUE (e.g. min_margin=0.1).")
+    ] = None,
+    order_by: Annotated[
+        str | None,
+        typer.Option(help="Keep the top rows by this SQL expression, e.g. 'response_length desc'."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Rows to keep after the conditions.")] = None,
+    balance: Annotated[
+        str | None,
+        typer.Option(help="Column whose categories share --limit equally (e.g. task_category)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of random picks (--balance, --limit).")] = 0,
+    shuffle_seed: Annotated[
+        int | None, typer.Option(help="Shuffle the kept rows with this seed.")
     ] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -646,8 +747,13 @@ def filter_rows(
         if not sep:
             raise MagpieError(f"--param {item!r} is not KEY=VALUE: write e.g. min_margin=0.1")
         params[key.strip()] = value.strip()
+    from magpie.selection import Selection
+
     out = out or default_out(source, "filtered")
-    report = filter_dataset(resolve_in(source), out, where, preset or [], params, overwrite)
+    selection = Selection(balance, limit, order_by, seed, shuffle_seed)
+    report = filter_dataset(
+        resolve_in(source), out, where, preset or [], params, overwrite, selection=selection
+    )
     if not quiet:
         render_filter_report(report, out_console)
     else:

@@ -156,6 +156,11 @@ class TagConfig(_Strict):
     engine: EngineSpec = Field(default_factory=EngineSpec, description="the judge of judge tags")
     template: TemplateSpec = Field(default_factory=TemplateSpec)
     guard_model: str | None = Field(None, description="Llama-Guard-style model for safety")
+    safety_on: str = Field(
+        "auto",
+        pattern="^(auto|instruction|response|chosen)$",
+        description="what safety classifies: auto = the conversation when the rows have one",
+    )
     reward_model: str | None = Field(None, description="reward model of the reward tag")
     trust_remote_code: bool = False
     embedding_model: str | None = Field(None, description="sentence-transformers model path")

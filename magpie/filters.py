@@ -33,12 +33,21 @@ from rich.text import Text
 
 from magpie import __version__
 from magpie.errors import MagpieError
+from magpie.selection import POSITION, Selection, selection_query
 from magpie.store import ShardStore
 
 DEFAULT_SHARD_ROWS = 50_000
 QUALITY_LEVELS = ("very poor", "poor", "average", "good", "excellent")
+DIFFICULTY_LEVELS = ("very easy", "easy", "medium", "hard", "very hard")
+LEVELS = {"quality": QUALITY_LEVELS, "difficulty": DIFFICULTY_LEVELS}
 _DISABLED = {"none", "off", "null", ""}  # a parameter set to one of these turns its condition off
-_KINDS = {"float": "a number", "int": "a whole number", "str": "text", "quality": "a level"}
+_KINDS = {
+    "float": "a number",
+    "int": "a whole number",
+    "str": "text",
+    "quality": "a level",
+    "difficulty": "a level",
+}
 
 TAG_FLAG = "magpie tag --tags "
 # The command that adds a column, for the "column is missing" error. Keep in step with the CLI.
@@ -56,6 +65,7 @@ PRODUCERS: dict[str, str] = {
     "repeat_count": "magpie tag --tags neighbors",
     "min_similar_uuid": "magpie tag --tags neighbors",
     "responses": "magpie responses",
+    "response_length": "magpie responses --n 1",
     "chosen": "magpie pairs",
     "rejected": "magpie pairs",
     "reward_margin": "magpie pairs",
@@ -72,7 +82,7 @@ FALLBACKS: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class Param:
-    """A preset parameter: `kind` is float, int, str or quality (a minimum quality level)."""
+    """A preset parameter: `kind` is float, int, str, or quality / difficulty (a minimum level)."""
 
     name: str
     default: Any
@@ -96,34 +106,59 @@ _NO_DUPLICATES = (
 )
 _ENGLISH = ("language", "upper({language}) = upper({lang})")
 _LANG = Param("lang", "EN", "str", "ISO 639-1 code the `language` column must equal")
+_LENGTHS = (
+    "instruction_length",
+    "{instruction_length} BETWEEN {min_length} AND {max_length}",
+)
+_LENGTH_PARAMS = (
+    Param("min_length", 10, "int", "fewest instruction characters"),
+    Param("max_length", 4096, "int", "most instruction characters"),
+)
+_MIN_QUALITY = Param("min_quality", "good", "quality", "lowest input_quality kept")
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset(
             "magpie-filtered",
-            "the published Magpie 'Filtered' rules: quality, instruct reward, no repeats, "
-            "complete instructions, length bounds, English",
+            "the rules of Magpie's 300K filter (data_sft/data_filter.ipynb): input quality good or "
+            "better, instruct_reward > -10, instruction not ending with ':', one row per "
+            "near-duplicate group. The notebook then keeps the longest responses: add "
+            "--order-by 'response_length desc' --limit 300000 --shuffle-seed 42",
             (
                 ("input_quality", "{input_quality} IN {min_quality}"),
-                ("instruct_reward", "{instruct_reward} >= {min_instruct_reward}"),
+                ("instruct_reward", "{instruct_reward} > {min_instruct_reward}"),
+                ("complete_instruction", "NOT ends_with({instruction}, ':')"),
                 _NO_DUPLICATES,
                 ("min_neighbor_distance", "{min_neighbor_distance} > {min_distance}"),
-                ("complete_instruction", "NOT regexp_matches({instruction}, ':\\s*$')"),
-                (
-                    "instruction_length",
-                    "{instruction_length} BETWEEN {min_length} AND {max_length}",
-                ),
-                _ENGLISH,
             ),
             (
-                Param("min_quality", "good", "quality", "lowest input_quality kept"),
-                Param("min_instruct_reward", -10.0, "float", "lowest instruct_reward kept"),
-                Param("min_distance", None, "float", "min_neighbor_distance must exceed it"),
-                Param("min_length", 10, "int", "fewest instruction characters"),
-                Param("max_length", 4096, "int", "most instruction characters"),
-                _LANG,
+                _MIN_QUALITY,
+                Param("min_instruct_reward", -10.0, "float", "instruct_reward must exceed it"),
+                Param("min_distance", None, "float", "min_neighbor_distance must exceed it (off)"),
             ),
+        ),
+        Preset(
+            "magpie-dpo-selection",
+            "the instruction selection of Magpie's DPO sets (magpie issue #36): difficulty medium "
+            "or harder, input quality good or better, instruct_reward >= -5. The maintainers then "
+            "balanced task categories: add --balance task_category --limit 100000 --seed 0",
+            (
+                ("difficulty", "{difficulty} IN {min_difficulty}"),
+                ("input_quality", "{input_quality} IN {min_quality}"),
+                ("instruct_reward", "{instruct_reward} >= {min_instruct_reward}"),
+            ),
+            (
+                Param("min_difficulty", "medium", "difficulty", "lowest difficulty kept"),
+                _MIN_QUALITY,
+                Param("min_instruct_reward", -5.0, "float", "lowest instruct_reward kept"),
+            ),
+        ),
+        Preset(
+            "instruction-length",
+            "instructions of min_length..max_length characters",
+            (_LENGTHS,),
+            _LENGTH_PARAMS,
         ),
         Preset(
             "dpo-margin",
@@ -164,8 +199,9 @@ def quote_ident(name: str) -> str:
 
 def _literal(value: Any, param: Param) -> str:
     """A parameter value as SQL."""
-    if param.kind == "quality":
-        kept = QUALITY_LEVELS[QUALITY_LEVELS.index(value) :]
+    if param.kind in LEVELS:
+        levels = LEVELS[param.kind]
+        kept = levels[levels.index(value) :]
         return "(" + ", ".join(f"'{level}'" for level in kept) + ")"
     if param.kind == "str":
         return "'" + str(value).replace("'", "''") + "'"
@@ -177,9 +213,9 @@ def _coerce(value: Any, param: Param) -> Any:
     if value is None or (isinstance(value, str) and value.strip().lower() in _DISABLED):
         return None
     bad = f"parameter {param.name} must be {_KINDS[param.kind]}, got {value!r}"
-    if param.kind == "quality":
-        if str(value).lower() not in QUALITY_LEVELS:
-            raise MagpieError(f"{bad}: use one of {', '.join(QUALITY_LEVELS)}")
+    if param.kind in LEVELS:
+        if str(value).lower() not in LEVELS[param.kind]:
+            raise MagpieError(f"{bad}: use one of {', '.join(LEVELS[param.kind])}")
         return str(value).lower()
     if param.kind == "str":
         return str(value)
@@ -336,6 +372,45 @@ def open_dataset(src: Path, con: duckdb.DuckDBPyConnection) -> list[str]:
     return list(rel.columns)
 
 
+def open_keyed(src: Path, con: duckdb.DuckDBPyConnection, columns: Sequence[str]) -> str:
+    """A view of `src` with each row's position (file number, row in file); returns its name.
+
+    Selections order and break ties by it, so they do not depend on DuckDB's scan order.
+    """
+    clash = [c for c in columns if c in (*POSITION, "filename", "file_row_number")]
+    if clash:
+        raise MagpieError(
+            f"cannot select rows of a dataset with a column named {clash[0]}: rename it first"
+        )
+    files = [str(f) for f in parquet_files(src)]
+    names = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+    try:
+        con.sql(
+            f"CREATE OR REPLACE TEMP VIEW keyed AS SELECT * EXCLUDE (filename, file_row_number), "
+            f"list_position({names}, filename) AS {POSITION[0]}, "
+            f"file_row_number AS {POSITION[1]} "
+            f"FROM read_parquet({names}, union_by_name = true, filename = true, "
+            "file_row_number = true)"
+        )
+    except duckdb.Error as exc:
+        raise MagpieError(f"cannot read {src}: {_first_line(exc)}") from None
+    return "keyed"
+
+
+def _selection_query(
+    con: duckdb.DuckDBPyConnection, kept_sql: str, selection: Selection, columns: Sequence[str]
+) -> tuple[str, dict[str, Any]]:
+    """The selection's SQL, checked first so a bad --order-by is one line naming the columns."""
+    try:
+        query, info = selection_query(con, kept_sql, selection, list(columns))
+        if len(con.extract_statements(query)) != 1:
+            raise MagpieError("--order-by must be an ORDER BY expression, not statements")
+        con.sql(f"SELECT * FROM ({query}) LIMIT 0").fetchall()
+    except duckdb.Error as exc:
+        raise _sql_error(exc, "selection (--order-by / --balance)", columns) from None
+    return query, info
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
@@ -377,12 +452,16 @@ class FilterReport:
     params: dict[str, Any] = field(default_factory=dict)
     shards: int = 0
     seconds: float = 0.0
+    selected_rows: int | None = None
+    """Rows written after the selection step (top-N, balanced sampling); None without one."""
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for the CLI."""
         share = self.kept_rows / self.input_rows if self.input_rows else 0.0
         where = f" to {self.out} ({self.shards} shard(s))" if self.out else ""
-        return f"kept {self.kept_rows} of {self.input_rows} rows ({share:.1%}){where}"
+        picked = "" if self.selected_rows is None else f", selected {self.selected_rows}"
+        return f"kept {self.kept_rows} of {self.input_rows} rows ({share:.1%}){picked}{where}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -390,6 +469,8 @@ class FilterReport:
             "kept_rows": self.kept_rows,
             "params": self.params,
             "skipped": self.skipped,
+            "selected_rows": self.selected_rows,
+            "selection": self.selection,
             "conditions": [
                 {
                     "name": c.label,
@@ -459,7 +540,7 @@ def plan_filter(
     """Count what a filter would keep, without writing anything (`--dry-run`)."""
     con = duckdb.connect()
     try:
-        report, _ = _plan(con, Path(src), where, presets, params)
+        report, _, _ = _plan(con, Path(src), where, presets, params)
         return report
     finally:
         con.close()
@@ -471,16 +552,20 @@ def _plan(
     where: str | None,
     presets: Sequence[str],
     params: dict[str, Any] | None,
-) -> tuple[FilterReport, list[Condition]]:
+    selecting: bool = False,
+) -> tuple[FilterReport, list[Condition], list[str]]:
     resolved = resolve_params(presets, params)
     columns = open_dataset(src, con)
     conditions, skipped = build_conditions(where, presets, resolved, columns)
-    if not conditions:
-        raise MagpieError("nothing to filter by: pass --where EXPR and/or --preset NAME")
+    if not conditions and not selecting:
+        raise MagpieError(
+            "nothing to filter by: pass --where EXPR and/or --preset NAME "
+            "(or --limit / --balance / --order-by to select rows)"
+        )
     total, counts = count_conditions(con, conditions, columns)
-    kept = counts[-1].left_after
+    kept = counts[-1].left_after if counts else total
     report = FilterReport(src, None, total, kept, counts, skipped, resolved)
-    return report, conditions
+    return report, conditions, columns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,18 +637,22 @@ def filter_dataset(
     params: dict[str, Any] | None = None,
     overwrite: bool = False,
     shard_rows: int = DEFAULT_SHARD_ROWS,
+    selection: Selection | None = None,
 ) -> FilterReport:
     """Keep the rows of `src` that pass `where` and every preset condition; write them to `out`.
 
-    `out` becomes a complete dataset (shards + manifest with stage "filter"); a non-empty `out`
-    is refused unless `overwrite`. Errors (bad SQL, missing columns) are one-line MagpieErrors.
+    `selection` then picks among the kept rows (top-N by an expression, balanced sampling, a
+    seeded shuffle; see `magpie.selection`). `out` becomes a complete dataset (shards + manifest
+    with stage "filter"); a non-empty `out` is refused unless `overwrite`. Errors (bad SQL,
+    missing columns) are one-line MagpieErrors.
     """
     src, out = Path(src), Path(out)
+    selection = selection if selection is not None and selection.active else None
     started = time.monotonic()
     con = duckdb.connect()
     try:
         _check_out(src, out, overwrite)
-        report, conditions = _plan(con, src, where, presets, params)
+        report, conditions, columns = _plan(con, src, where, presets, params, bool(selection))
         config = {
             "magpie_version": __version__,
             "command": "filter",
@@ -574,18 +663,28 @@ def filter_dataset(
             "params": report.params,
             "conditions": [{"name": c.label, "sql": c.sql} for c in conditions],
         }
+        if selection is not None:
+            config["selection"] = selection.as_dict()
         digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         store = ShardStore(out)
         store.open_for_write("filter", config, digest.hexdigest()[:16], overwrite=overwrite)
-        query = "SELECT * FROM source WHERE " + " AND ".join(_as_bool(c) for c in conditions)
-        report.shards = _write(con, query, store, _source_schema(src), shard_rows)
+        test = " AND ".join(_as_bool(c) for c in conditions) or "true"
+        query = f"SELECT * FROM source WHERE {test}"
+        if selection is not None:
+            keyed = open_keyed(src, con, columns)
+            query, report.selection = _selection_query(
+                con, f"SELECT * FROM {keyed} WHERE {test}", selection, columns
+            )
+        written_rows, report.shards = _write(con, query, store, _source_schema(src), shard_rows)
+        if selection is not None:
+            report.selected_rows = written_rows
     finally:
         con.close()
     report.out = out
     report.seconds = time.monotonic() - started
     store.update_manifest(
         complete=True,
-        rows=report.kept_rows,
+        rows=report.kept_rows if report.selected_rows is None else report.selected_rows,
         input_rows=report.input_rows,
         shards=report.shards,
         filter=report.as_dict(),
@@ -599,20 +698,21 @@ def _write(
     store: ShardStore,
     schema: pa.Schema | None,
     shard_rows: int,
-) -> int:
-    """Stream the kept rows into committed shards; return how many shards hold rows."""
-    written = 0
+) -> tuple[int, int]:
+    """Stream the kept rows into committed shards; return (rows, shards that hold rows)."""
+    written = rows = 0
     try:
         reader = con.sql(query).to_arrow_reader(min(shard_rows, 65_536))
         for table in _shards(reader, shard_rows):
             info = {"shard": written, "rows": table.num_rows}
             store.commit(written, _conform(table, schema), info)
             written += 1
+            rows += table.num_rows
     except duckdb.Error as exc:
         raise MagpieError(f"filter failed while writing: {_first_line(exc)}") from None
     if written == 0:  # nothing kept: an empty-shard marker, as other stages record one
         store.commit(0, pa.table({}), {"shard": 0, "rows": 0})
-    return written
+    return rows, written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,4 +735,12 @@ def render_filter_report(report: FilterReport, console: Console) -> None:
     console.print(table)
     if report.skipped:
         console.print(Text(f"skipped (parameter off): {', '.join(report.skipped)}"))
+    balance = report.selection.get("balance")
+    if balance:
+        shares = Table(title=Text(f"balanced by {balance['column']}"), title_justify="left")
+        for name in ("value", "available", "taken"):
+            shares.add_column(name, justify="left" if name == "value" else "right")
+        for cat in balance["categories"]:
+            shares.add_row(Text(str(cat["value"])), str(cat["available"]), str(cat["taken"]))
+        console.print(shares)
     console.print(Text(report.summary()))

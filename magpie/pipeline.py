@@ -393,6 +393,41 @@ def responses(
     )
 
 
+def extend(
+    config: Any,
+    source: Path,
+    out: Path,
+    view: ProgressView,
+    overwrite: bool = False,
+    engine: Engine | None = None,
+    executor: Executor | None = None,
+) -> RunSummary:
+    """Follow-up turns for the rows of `source` (an `ExtendConfig`), into `out`."""
+
+    table, upstream = load_input(source)
+    if not {"response", "conversations"} & set(table.column_names):
+        raise MagpieError(
+            f"input {source} has no 'response' or 'conversations' column to extend: run "
+            "`magpie responses --n 1` first, or give rows with instruction and response"
+        )
+    ShardStore(out).check_writable()
+
+    def open_store(identity: dict[str, Any]) -> ShardStore:
+        extra = {**identity, "input": str(source)}
+        return _open_store(out, "extend", config, extra, upstream, overwrite)
+
+    return _execute(
+        "extend",
+        config,
+        table,
+        config.shard_size,
+        open_store,
+        view.stage("extend", table.num_rows),
+        executor,
+        engine=engine,
+    )
+
+
 def load_scorer(config: ScoreConfig) -> Any:
     """The reward backend a score config names."""
     spec = config.reward_model
@@ -477,13 +512,20 @@ def tag(
     executor: Executor | None = None,
 ) -> RunSummary:
     """Unitag tags of every row of `source` into `out` (any dataset with an `instruction`)."""
+    from magpie.stages.tags import resolve_safety_on
+
     table, upstream = load_input(source)
+    safety_on = resolve_safety_on(config.safety_on, table.column_names)
     ShardStore(out).check_writable()
     if "neighbors" in config.tags:
         table = _neighbor_columns(table, config, view)
+    if "safety" in config.tags:  # the stage is built where it runs: give it the resolved mode
+        config = config.model_copy(update={"safety_on": safety_on})
 
     def open_store(identity: dict[str, Any]) -> ShardStore:
         extra = {"input": str(source), **identity}
+        if "safety" in config.tags:
+            extra["safety_on"] = safety_on
         return _open_store(out, "tag", config, extra, upstream, overwrite)
 
     return _execute(

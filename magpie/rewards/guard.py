@@ -1,6 +1,6 @@
-"""Llama-Guard-style safety classification of instructions through transformers.
+"""Llama-Guard-style safety classification of instructions or conversations (transformers).
 
-A guard model's chat template turns a user message into its classification prompt; the model
+A guard model's chat template turns a conversation into its classification prompt; the model
 then writes "safe", or "unsafe" and the hazard codes on the next line. We read the verdict from
 the first token's logits ("safe" against "unsafe", so it is never unparseable) and, for unsafe
 ones, decode the hazard codes greedily after "unsafe\\n".
@@ -62,25 +62,33 @@ class GuardModel:
     def _first_token(self, word: str) -> int:
         return self.tokenizer.encode(word, add_special_tokens=False)[0]
 
-    def _prompt_ids(self, instruction: str, suffix: str = "") -> Any:
+    def _prompt_ids(self, messages: list[dict[str, str]], suffix: str = "") -> Any:
         text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+            messages, tokenize=False, add_generation_prompt=True
         )
         ids = self.tokenizer(text + suffix, add_special_tokens=False, return_tensors="pt")
         return ids["input_ids"].to(self.device)
 
     def classify(self, instructions: Sequence[str]) -> list[str]:
         """The `llama_guard_2` label of each instruction: "safe" or "unsafe\\nS1,S9"."""
+        return self.classify_conversations([[{"role": "user", "content": i}] for i in instructions])
+
+    def classify_conversations(self, conversations: Sequence[list[dict[str, str]]]) -> list[str]:
+        """The label of each [{role, content}] conversation; the guard judges its last turn.
+
+        With a [user, assistant] pair the guard's chat template asks about the assistant's
+        reply (as unitag ran Llama Guard 2); with a lone user message, about the request.
+        """
         import torch
 
         labels = []
         with torch.inference_mode():
-            for instruction in instructions:
-                logits = self.model(input_ids=self._prompt_ids(instruction)).logits[0, -1]
+            for messages in conversations:
+                logits = self.model(input_ids=self._prompt_ids(messages)).logits[0, -1]
                 if logits[self._safe] >= logits[self._unsafe]:
                     labels.append("safe")
                     continue
-                ids = self._prompt_ids(instruction, "unsafe\n")
+                ids = self._prompt_ids(messages, "unsafe\n")
                 out = self.model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),

@@ -2,7 +2,8 @@
 
 Pure stage: a table of instructions in, the same rows with `responses` (n strings, order kept),
 their finish reasons and token counts, and `gen_response_configs` out. With n == 1 the rows also
-get Magpie's SFT shape: `response` and a ShareGPT `conversations` list.
+get Magpie's SFT shape: `response`, `response_length` (characters) and a ShareGPT
+`conversations` list.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def _with_sft_shape(table: pa.Table, rows: list[dict], responses: list[list[str]
         ]
         conversations.append(turns)
     table = _set_column(table, "response", pa.array([r[0] for r in responses], pa.string()))
+    lengths = pa.array([len(r[0]) for r in responses], pa.int64())  # characters, as published
+    table = _set_column(table, "response_length", lengths)
     return _set_column(
         table, "conversations", pa.array(conversations, type=pa.list_(SHAREGPT_MESSAGE))
     )

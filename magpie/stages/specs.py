@@ -114,8 +114,33 @@ def build_tag(config: TagConfig, engines: EnginePool) -> Built:
             )
         )
         engines.on_close(getattr(scorer, "close", lambda: None))
-    stage = TagStage([t for t in config.tags if t != "neighbors"], judge, guard, scorer)
+    safety_on = config.safety_on if config.safety_on != "auto" else "instruction"
+    tags = [t for t in config.tags if t != "neighbors"]
+    stage = TagStage(tags, judge, guard, scorer, safety_on)
     return stage, identity
+
+
+def build_extend(config: Any, engines: EnginePool) -> Built:
+    """Follow-up turns: two chat formats of one engine (follow-up user turns, replies)."""
+    from magpie.errors import MagpieError
+    from magpie.pipeline import resolve_format
+    from magpie.stages.extend import ExtendStage, followup_template
+
+    llm = engines.get(config.engine)
+    reply_format = resolve_format(llm.info, config.template)
+    try:
+        query_format = resolve_format(llm.info, followup_template(config))
+    except MagpieError as exc:
+        raise MagpieError(
+            f"follow-up user turns: {exc} (for this stage: --followup-system-prompt none)"
+        ) from None
+    identity = {
+        "model_id": llm.info.model_id,
+        "chat_format": reply_format.to_dict(),
+        "followup_chat_format": query_format.to_dict(),
+        ENVIRONMENT: environment(llm),
+    }
+    return ExtendStage(llm, query_format, reply_format, config), identity
 
 
 def spec_of(name: str, config: Any) -> StageSpec:
@@ -126,5 +151,6 @@ def spec_of(name: str, config: Any) -> StageSpec:
         "score": build_score,
         "pairs": build_pairs,
         "tag": build_tag,
+        "extend": build_extend,
     }
     return StageSpec(name, builders[name], config)

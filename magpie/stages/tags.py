@@ -19,11 +19,14 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, ValidationError
 
 from magpie.engines.base import Completion, Engine, Request, Sampling
+from magpie.errors import MagpieError
 from magpie.prompts import (
     TAG_CATEGORY_PROMPT,
     TAG_DIFFICULTY_PROMPT,
     TAG_QUALITY_PROMPT,
+    TAG_SAFETY_CONVERSATION_PROMPT,
     TAG_SAFETY_PROMPT,
+    conversation_text,
     tag_prompt,
 )
 from magpie.schema import TAG_COLUMNS
@@ -103,10 +106,11 @@ class JudgeTag:
     generator_column: str | None
     max_tokens: int = 160
 
-    def fill(self, instruction: str) -> str:
+    def fill(self, instruction: str, **extra: str) -> str:
         fields = {
             "categories": ", ".join(get_args(TaskCategory)),
             "hazards": "\n".join(f"{code}: {name}" for code, name in HAZARDS.items()),
+            **extra,
         }
         return tag_prompt(self.prompt, instruction, **fields)
 
@@ -147,6 +151,50 @@ JUDGE_TAGS: dict[str, JudgeTag] = {
     ),
     "safety": JudgeTag("safety", TAG_SAFETY_PROMPT, SafetyAnswer, _safety, "safety_generator", 64),
 }
+# The safety tag over a conversation: the judge rates the assistant's last reply.
+SAFETY_CONVERSATION_TAG = JudgeTag(
+    "safety", TAG_SAFETY_CONVERSATION_PROMPT, SafetyAnswer, _safety, "safety_generator", 64
+)
+SAFETY_ON = ("auto", "instruction", "response", "chosen")
+
+
+def resolve_safety_on(mode: str, columns: Sequence[str]) -> str:
+    """What the safety tag classifies: `auto` picks the conversation when the rows have one.
+
+    `chosen` (DPO pairs) wins over `response` (SFT `response`, or the first of `responses`);
+    without either, the instruction alone. An explicit mode needs its columns.
+    """
+    if mode not in SAFETY_ON:
+        raise MagpieError(f"--safety-on {mode!r}: use one of {', '.join(SAFETY_ON)}")
+    have = set(columns)
+    if mode == "auto":
+        if "chosen" in have:
+            return "chosen"
+        return "response" if have & {"response", "responses"} else "instruction"
+    if mode == "chosen" and "chosen" not in have:
+        raise MagpieError("--safety-on chosen needs a `chosen` column: run `magpie pairs` first")
+    if mode == "response" and not have & {"response", "responses"}:
+        raise MagpieError(
+            "--safety-on response needs a `response` or `responses` column: run "
+            "`magpie responses` first, or pass --safety-on instruction"
+        )
+    return mode
+
+
+def safety_messages(row: dict, mode: str) -> tuple[list[dict[str, str]], str]:
+    """The [{role, content}] messages the safety tag classifies for a row, and what they are.
+
+    A row without the chosen / response text (a pair set aside, an empty list) falls back to
+    its instruction alone; the second value says which one ran.
+    """
+    user = {"role": "user", "content": row["instruction"]}
+    if mode == "chosen" and row.get("chosen"):
+        return [{"role": m["role"], "content": m["content"]} for m in row["chosen"]], "chosen"
+    if mode in ("chosen", "response"):
+        reply = row.get("response") or next(iter(row.get("responses") or []), None)
+        if mode == "response" and reply:
+            return [user, {"role": "assistant", "content": reply}], "response"
+    return [user], "instruction"
 
 
 def _seed(run_seed: int, uuid: str, tag: str, attempt: int) -> int:
@@ -172,11 +220,20 @@ class JudgeTagger:
         self.seed = seed
 
     def answers(
-        self, tag: JudgeTag, rows: list[dict], progress: Progress
+        self,
+        tag: JudgeTag,
+        rows: list[dict],
+        progress: Progress,
+        users: list[str] | None = None,
     ) -> tuple[list[BaseModel | None], int, int]:
-        """Answers for every row (None where both tries failed), failures, tokens used."""
+        """Answers for every row (None where both tries failed), failures, tokens used.
+
+        `users` are the judge's user messages when not `tag.fill(instruction)` of each row.
+        """
         schema = tag.answer.model_json_schema()
-        prompts = [self.format.response_prompt([], tag.fill(r["instruction"])) for r in rows]
+        if users is None:
+            users = [tag.fill(r["instruction"]) for r in rows]
+        prompts = [self.format.response_prompt([], text) for text in users]
         results: list[BaseModel | None] = [None] * len(rows)
         pending, tokens = list(range(len(rows))), 0
         for attempt, temperature in enumerate((0.0, 0.7)):
@@ -217,11 +274,13 @@ class TagStage:
         judge: JudgeTagger | None = None,
         guard: Any | None = None,
         scorer: Any | None = None,
+        safety_on: str = "instruction",
     ) -> None:
         self.tags = list(tags)
         self.judge = judge
         self.guard = guard
         self.scorer = scorer
+        self.safety_on = safety_on
 
     def __call__(self, table: pa.Table, progress: Progress) -> TransformOutput:
         rows = table.to_pylist()
@@ -229,11 +288,8 @@ class TagStage:
         failures: Counter[str] = Counter()
         tokens = 0
         for name in self.tags:
-            if name == "safety" and self.guard is not None:
-                labels = self.guard.classify([r["instruction"] for r in rows])
-                columns["llama_guard_2"] = labels
-                columns["safety"] = [label.split("\n")[0] for label in labels]
-                columns["safety_generator"] = [self.guard.model_id] * len(rows)
+            if name == "safety":
+                tokens += self._safety(rows, columns, failures, progress)
             elif name in JUDGE_TAGS:
                 used, missed = self._judge(JUDGE_TAGS[name], rows, columns, progress)
                 tokens += used
@@ -250,11 +306,43 @@ class TagStage:
             rows=_with_columns(table, columns), tokens=tokens, rejections=dict(failures)
         )
 
+    def _safety(
+        self,
+        rows: list[dict],
+        columns: dict[str, list[Any]],
+        failures: Counter[str],
+        progress: Progress,
+    ) -> int:
+        """Safety of each row's instruction or conversation; `safety_on` says which ran."""
+        picked = [safety_messages(r, self.safety_on) for r in rows]
+        columns["safety_on"] = [on for _, on in picked]
+        if self.guard is not None:
+            labels = self.guard.classify_conversations([messages for messages, _ in picked])
+            columns["llama_guard_2"] = labels
+            columns["safety"] = [label.split("\n")[0] for label in labels]
+            columns["safety_generator"] = [self.guard.model_id] * len(rows)
+            return 0
+        prompts = [
+            JUDGE_TAGS["safety"].fill(r["instruction"])
+            if on == "instruction"
+            else SAFETY_CONVERSATION_TAG.fill("", conversation=conversation_text(messages))
+            for r, (messages, on) in zip(rows, picked, strict=True)
+        ]
+        used, missed = self._judge(JUDGE_TAGS["safety"], rows, columns, progress, prompts)
+        if missed:
+            failures["safety_invalid"] += missed
+        return used
+
     def _judge(
-        self, tag: JudgeTag, rows: list[dict], columns: dict[str, list[Any]], progress: Progress
+        self,
+        tag: JudgeTag,
+        rows: list[dict],
+        columns: dict[str, list[Any]],
+        progress: Progress,
+        prompts: list[str] | None = None,
     ) -> tuple[int, int]:
         assert self.judge is not None
-        answers, missed, tokens = self.judge.answers(tag, rows, progress)
+        answers, missed, tokens = self.judge.answers(tag, rows, progress, prompts)
         for answer in answers:
             for column, value in tag.to_columns(answer).items():
                 columns.setdefault(column, []).append(value)
