@@ -82,7 +82,8 @@ def _open_store(
         **extra,
     }
     store.open_for_write(stage, resolved, _digest(config_hash(config), extra, upstream), overwrite)
-    store.update_manifest(environment=built_on)
+    if (store.read_manifest() or {}).get("environment") != built_on:
+        store.update_manifest(environment=built_on)
     return store
 
 
@@ -459,6 +460,11 @@ def score(
     table, upstream = load_input(source)
     require_columns(table, source, ["responses"])
     ShardStore(out).check_writable()
+    spec = config.reward_model
+    if spec != "judge" and not spec.startswith("judge:"):  # a bad name fails before any work
+        from magpie.rewards.classifier import resolve_source
+
+        resolve_source(spec)
 
     def open_store(identity: dict[str, Any]) -> ShardStore:
         extra = {**identity, "input": str(source)}

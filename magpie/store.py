@@ -387,7 +387,8 @@ class ShardStore:
         manifest = self.read_manifest()
         if manifest is None and classify(self.root) == "run":
             record = self.meta_dir / RUN_FILE
-            data = json.loads(record.read_text()) if record.is_file() else {}
+            record.parent.mkdir(parents=True, exist_ok=True)  # runs made before run.json existed
+            data = json.loads(record.read_text()) if record.is_file() else {"kind": "magpie run"}
             names = list(dict.fromkeys([*data.get("written_files", []), name]))
             atomic_write_bytes(record, json.dumps({**data, "written_files": names}).encode())
             return

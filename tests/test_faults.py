@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -187,6 +188,10 @@ def _start(args: list[str], **kwargs: Any) -> subprocess.Popen[str]:
     )
 
 
+def _parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def _wait_for_shard(proc: subprocess.Popen[str], out: Path, more_than: int = 0) -> None:
     deadline = time.monotonic() + 300
     while len(parts(out)) <= more_than:
@@ -208,7 +213,10 @@ def test_second_writer_is_refused_and_a_signal_stops_cleanly(
     try:
         _wait_for_shard(proc, out)
         second = run_cli(*args)
-        one_line_error(second, f"being written by pid {proc.pid}", "(magpie tag --in")
+        # `magpie` runs the CLI in a child of its crash supervisor: that child holds the lock.
+        holder = int(re.search(r"being written by pid (\d+)", second.stderr).group(1))
+        assert holder == proc.pid or _parent_pid(holder) == proc.pid
+        one_line_error(second, f"being written by pid {holder}", "(magpie tag --in")
         os.kill(proc.pid, signum)
         _stdout, stderr = proc.communicate(timeout=120)
     finally:

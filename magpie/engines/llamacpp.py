@@ -79,6 +79,9 @@ class LlamaCppEngine:
         path = Path(model) if model else bundled_model_path()
         if not path.is_file():
             raise EngineError(f"model file not found: {path}: pass --model with a .gguf file path")
+        with path.open("rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise EngineError(f"{path} is not a GGUF file: pass --model with a GGUF model file")
         if int(batch_size) < 1:
             raise EngineError(f"batch_size must be >= 1, got {batch_size}: fix engine options")
         self.runtime: LlamaRuntime = (

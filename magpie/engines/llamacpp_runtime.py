@@ -333,6 +333,8 @@ def _probed(model_path: Path) -> LlamaRuntime:
             continue
         result = probe(model_path, runtime)
         results[name] = result.detail if not result.ok else f"ok ({result.detail})"
+        if result.detail.startswith("failed"):  # an error, not a crash: no other runtime helps
+            raise MagpieError(f"llama.cpp probe of {model_path} {result.detail}")
         if result.ok:
             chosen = runtime
             break

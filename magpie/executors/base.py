@@ -224,6 +224,9 @@ class Driver:
         gate = self.job.gate
         assert gate is not None
         while self._next in committed:
+            if self._cut_by_budget(self._next, committed):
+                committed.discard(self._next)  # redone whole under the larger budget
+                break
             gate.observe(self.store.read_shard(self._next))
             self.summary.add_shard(self.store.shard_info(self._next), new=False)
             self._next += 1
@@ -232,6 +235,15 @@ class Driver:
                 f"{self.store.root} misses block {self._next} of attempts before a later one: "
                 "pass --overwrite to start again"
             )
+
+    def _cut_by_budget(self, index: int, committed: set[int]) -> bool:
+        """Whether block `index` is the last one committed and an earlier, smaller attempt
+        budget cut it short of the block this run plans (the budget was raised since)."""
+        if index != max(committed) or index >= self.job.num_shards:
+            return False
+        span = self.store.shard_info(index).get("attempts")
+        planned = self.job.slice(index).column("attempt")
+        return bool(span) and span[1] < planned[-1].as_py() + 1
 
     @property
     def done(self) -> bool:

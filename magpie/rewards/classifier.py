@@ -125,7 +125,7 @@ class ClassifierRewardModel:
         self.trust_remote_code = bool(trust_remote_code)
         self._warned_pad_collision = False
 
-        source, local = _resolve_source(self.model_id)
+        source, local = resolve_source(self.model_id)
         config = _read_config_dict(source, local, self.model_id)
         self.custom_code = _needs_custom_code(config)
         if self.custom_code and not self.trust_remote_code:
@@ -301,7 +301,7 @@ def _looks_like_path(model_id: str) -> bool:
     )
 
 
-def _resolve_source(model_id: str) -> tuple[str, bool]:
+def resolve_source(model_id: str) -> tuple[str, bool]:
     """(what to pass to from_pretrained, whether it is a local directory)."""
     path = Path(model_id).expanduser()
     if path.exists():
