@@ -209,7 +209,9 @@ class Recipe(_Strict):
     seed: int = Field(0, ge=0)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     template: TemplateSpec = Field(default_factory=TemplateSpec)
-    instructions: dict[str, Any] = Field(default_factory=dict)
+    instructions: dict[str, Any] = Field(
+        default_factory=lambda: {"max_tokens": 256, "shard_size": 16}
+    )
     responses: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 256})
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
