@@ -525,8 +525,9 @@ def tag(
     ShardStore(out).check_writable()
     if "neighbors" in config.tags:
         table = _neighbor_columns(table, config, view)
-    if "safety" in config.tags:  # the stage is built where it runs: give it the resolved mode
-        config = config.model_copy(update={"safety_on": safety_on})
+    # The stage is built where it runs: its copy of the config carries the resolved mode, while
+    # the output records the configuration as given (and the mode in `safety_on`).
+    stage_config = config.model_copy(update={"safety_on": safety_on})
 
     def open_store(identity: dict[str, Any]) -> ShardStore:
         extra = {"input": str(source), **identity}
@@ -536,7 +537,7 @@ def tag(
 
     return _execute(
         "tag",
-        config,
+        stage_config,
         table,
         config.shard_size,
         open_store,
