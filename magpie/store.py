@@ -200,14 +200,20 @@ def remove_ours(root: Path) -> list[Path]:
             if not left:
                 _remove(child)
         elif is_run and name in RUN_STAGE_DIRS and (child / META_DIR).is_dir():
-            with locking.locked(child, "--overwrite of the run that holds it"):
-                left = remove_ours(child)
-            foreign += left
-            if not left:
-                _remove(child)
+            foreign += _clear_inner_dataset(child)
         else:
             foreign.append(child)
     return foreign
+
+
+def _clear_inner_dataset(child: Path) -> list[Path]:
+    """A dataset inside a run (a stage or an export): our files go, under its lock; the folder
+    goes too when nothing foreign is left. Returns the foreign paths left."""
+    with locking.locked(child, "--overwrite of the run that holds it"):
+        left = remove_ours(child)
+    if not left:
+        _remove(child)
+    return left
 
 
 def _clear_exports(root: Path) -> list[Path]:
@@ -215,11 +221,7 @@ def _clear_exports(root: Path) -> list[Path]:
     foreign: list[Path] = []
     for child in sorted(root.iterdir()):
         if child.is_dir() and (child / META_DIR).is_dir():
-            with locking.locked(child, "--overwrite of the run that holds it"):
-                left = remove_ours(child)
-            foreign += left
-            if not left:
-                _remove(child)
+            foreign += _clear_inner_dataset(child)
         else:
             foreign.append(child)
     return foreign
