@@ -120,6 +120,7 @@ class VLLMEngine:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         trust_remote_code: bool = False,
+        distributed_executor_backend: str | None = None,
         **_: Any,
     ) -> None:
         try:
@@ -133,6 +134,8 @@ class VLLMEngine:
         path, self._model_id = resolve_model(model, dtype)
         cuda = has_cuda()
         extra = {} if cuda else cpu_scheduler_options(path, max_model_len, trust_remote_code)
+        if distributed_executor_backend:  # "ray" inside a Ray actor's placement group
+            extra["distributed_executor_backend"] = distributed_executor_backend
         share = GPU_MEMORY_SHARE if cuda else CPU_MEMORY_SHARE
         try:
             self._llm = LLM(

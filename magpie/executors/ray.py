@@ -29,6 +29,7 @@ from magpie.executors.base import Driver, ExecutorSpec, Job, RunSummary, check_c
 from magpie.stages.base import NullProgress, StageSpec, TransformOutput
 
 RAY_RANGE = ">=2.51,<2.61"
+PLACEMENT_TIMEOUT_S = 60.0
 
 
 def import_ray() -> Any:
@@ -78,7 +79,20 @@ class StageWorker:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         self.log.addHandler(handler)
         self.log_path = path
-        self.log.info("actor %d (pid %d) on %s", self.rank, os.getpid(), os.uname().nodename)
+        self.log.info("actor %d on %s: %s", self.rank, os.uname().nodename, self.where())
+
+    def where(self) -> dict[str, Any]:
+        """Where this actor runs: pid, node, GPU ids and placement group (logs and tests)."""
+        import ray
+
+        context = ray.get_runtime_context()
+        group = ray.util.get_current_placement_group()
+        return {
+            "pid": os.getpid(),
+            "node": context.get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "placement_group": group.id.hex() if group is not None else None,
+        }
 
     def run(self, spec: StageSpec, index: int, rows: pa.Table, log_dir: str) -> TransformOutput:
         """Shard `index` of a job: its slice in, the stage's output back to the driver."""
@@ -114,6 +128,7 @@ class RayExecutor:
         self.spec = spec
         self._started = False
         self._pool: list[Any] = []
+        self._groups: list[Any] = []  # placement groups of multi-GPU replicas
         self._group: tuple[float, str] | None = None
 
     def _connect(self) -> Any:
@@ -143,12 +158,22 @@ class RayExecutor:
         return max(1, int(resources.get("CPU", 1) // self.spec.num_cpus))
 
     def _gpus(self, job: Job) -> float:
-        if self.spec.num_gpus is not None:
-            return self.spec.num_gpus
+        """GPUs of one engine replica: --num-gpus, else vLLM's tensor x pipeline parallel size."""
+        gpus = self.spec.num_gpus
         engine = _engine_spec(job)
-        if engine is not None and engine.name == "vllm":
-            return float(engine.options.get("tensor_parallel_size", 1))
-        return 0.0
+        if gpus is None and engine is not None and engine.name == "vllm":
+            options = engine.options
+            gpus = float(
+                int(options.get("tensor_parallel_size", 1))
+                * int(options.get("pipeline_parallel_size", 1))
+            )
+        gpus = gpus or 0.0
+        if gpus > 1 and not float(gpus).is_integer():
+            raise MagpieError(
+                f"num_gpus {gpus:g}: a replica of more than one GPU takes whole GPUs; use an "
+                "integer (or a fraction below 1 to share a GPU)"
+            )
+        return gpus
 
     def _actors(self, ray: Any, job: Job) -> list[Any]:
         """The actors of this job: those of the previous job when they hold the same engine
@@ -160,22 +185,59 @@ class RayExecutor:
             return self._pool
         self._release(ray)
         retries = self.spec.max_retries
-        remote = ray.remote(StageWorker).options(
-            num_cpus=self.spec.num_cpus,
-            num_gpus=gpus,
-            max_restarts=retries,
-            max_task_retries=retries,
-        )
-        defaults = {"llamacpp": {"n_threads": max(1, int(self.spec.num_cpus))}}
+        defaults: dict[str, dict[str, Any]] = {
+            "llamacpp": {"n_threads": max(1, int(self.spec.num_cpus))}
+        }
         count = self._actor_count(ray, gpus)
-        self._pool = [remote.remote(defaults, rank) for rank in range(count)]
+        if gpus > 1:  # a replica spans GPUs: vLLM's own Ray workers fill its placement group
+            defaults["vllm"] = {"distributed_executor_backend": "ray"}
+            self._groups = [self._placement_group(ray, int(gpus)) for _ in range(count)]
+        remote = ray.remote(StageWorker)
+        self._pool = [
+            remote.options(
+                max_restarts=retries, max_task_retries=retries, **self._placement(ray, gpus, rank)
+            ).remote(defaults, rank)
+            for rank in range(count)
+        ]
         self._group = group
         return self._pool
+
+    def _placement(self, ray: Any, gpus: float, rank: int) -> dict[str, Any]:
+        """Resources of actor `rank`: its own CPUs/GPUs, or, for a multi-GPU replica, bundle 0
+        of its placement group, with the engine's own Ray tasks captured into the group."""
+        if not self._groups:
+            return {"num_cpus": self.spec.num_cpus, "num_gpus": gpus}
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(
+            placement_group=self._groups[rank],
+            placement_group_bundle_index=0,
+            placement_group_capture_child_tasks=True,
+        )
+        return {"num_cpus": self.spec.num_cpus, "num_gpus": 0, "scheduling_strategy": strategy}
+
+    def _placement_group(self, ray: Any, gpus: int) -> Any:
+        """One bundle per GPU rank of a replica (bundle 0 also holds the actor's CPUs), packed
+        on one node when it fits; refused with one line when the cluster cannot hold it."""
+        from ray.util.placement_group import placement_group
+
+        bundles = [{"GPU": 1.0, "CPU": self.spec.num_cpus}] + [{"GPU": 1.0}] * (gpus - 1)
+        group = placement_group(bundles, strategy="PACK")
+        if not group.wait(PLACEMENT_TIMEOUT_S):
+            ray.util.remove_placement_group(group)
+            raise MagpieError(
+                f"the Ray cluster cannot place an engine replica of {gpus} GPUs within "
+                f"{PLACEMENT_TIMEOUT_S} s (it has {ray.cluster_resources().get('GPU', 0):g} "
+                "GPUs): lower tensor_parallel_size or --actors, or add GPU nodes"
+            )
+        return group
 
     def _release(self, ray: Any) -> None:
         for actor in self._pool:
             ray.kill(actor, no_restart=True)
-        self._pool, self._group = [], None
+        for group in self._groups:
+            ray.util.remove_placement_group(group)
+        self._pool, self._groups, self._group = [], [], None
 
     def run(self, job: Job) -> RunSummary:
         ray = self._connect()
