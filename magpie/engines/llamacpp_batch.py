@@ -32,6 +32,7 @@ from llama_cpp import _internals as internals
 from llama_cpp._utils import suppress_stdout_stderr
 
 from magpie.engines.base import EngineError, Sampling
+from magpie.engines.llamacpp_runtime import ThreadGovernor
 
 LAST_N_PENALTY = 64
 """Tokens the repetition penalty looks back over (llama-cpp-python's default)."""
@@ -108,6 +109,7 @@ class BatchDecoder:
         n_cells: KV cache cells shared by all sequences (the unified cache's size).
         capacity: most tokens per `llama_decode`.
         n_threads: CPU threads.
+        adaptive_threads: re-fit the thread count to the free cores while decoding.
         flash_attn: use llama.cpp's flash attention (faster here: it skips other sequences' cells).
     """
 
@@ -120,6 +122,7 @@ class BatchDecoder:
         capacity: int,
         n_threads: int,
         flash_attn: bool = True,
+        adaptive_threads: bool = False,
     ) -> None:
         self._llm = llm
         self._vocab = llm._model.vocab
@@ -148,6 +151,7 @@ class BatchDecoder:
                 "sequences: lower the engine options batch_size or kv_cells"
             ) from exc
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._governor = ThreadGovernor(self._ctx.ctx, n_threads) if adaptive_threads else None
         self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._pieces: dict[int, bytes] = {}
@@ -315,6 +319,8 @@ class BatchDecoder:
     def _decode(self) -> None:
         if self._batch.n_tokens == 0:
             return
+        if self._governor is not None:
+            self._governor.tick()
         code = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
         if code != 0:
             raise EngineError(

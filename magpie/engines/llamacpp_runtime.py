@@ -20,6 +20,7 @@ the probe and forces one; `auto` (the default) probes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -98,10 +99,89 @@ RUNTIMES: dict[str, LlamaRuntime] = {
 }
 
 
+def fixed_threads() -> int | None:
+    """$MAGPIE_N_THREADS when set: the user's choice, never adapted."""
+    return int(os.environ.get("MAGPIE_N_THREADS") or 0) or None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _others_running() -> int | None:
+    """Threads of other processes that are runnable now: the kernel's `procs_running` less this
+    process's own running threads (llama.cpp's workers spin, so they count while busy)."""
+    try:
+        stat = Path("/proc/stat").read_text()
+        total = next(
+            int(line.split()[1]) for line in stat.splitlines() if line.startswith("procs_running")
+        )
+        ours = 0
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):
+                state = (task / "stat").read_text().rpartition(")")[2].split()[0]
+                ours += state == "R"
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return max(0, total - ours)
+
+
+def free_cores(samples: int = 3, gap_s: float = 0.005) -> int:
+    """Cores not taken by other processes now (median of a few samples; all of them where the
+    kernel does not say)."""
+    cores = usable_cores()
+    seen = []
+    for i in range(samples):
+        if i:
+            time.sleep(gap_s)
+        others = _others_running()
+        if others is None:
+            return cores
+        seen.append(others)
+    return max(1, cores - sorted(seen)[len(seen) // 2])
+
+
 def default_threads() -> int:
-    """Threads for llama.cpp: $MAGPIE_N_THREADS, else every core. (On a machine busy with other
-    work, fewer threads than cores is much faster: llama.cpp's threads wait for each other.)"""
-    return int(os.environ.get("MAGPIE_N_THREADS") or 0) or os.cpu_count() or 1
+    """Threads for llama.cpp: $MAGPIE_N_THREADS, else the cores other processes leave free.
+    On a busy machine fewer threads than cores is much faster: llama.cpp's threads spin-wait
+    for each other, so one that is descheduled stalls the rest."""
+    return fixed_threads() or free_cores()
+
+
+class ThreadGovernor:
+    """Re-fits a llama.cpp context's thread count to the free cores while it decodes.
+
+    Checked at most every `period_s`; a change needs two checks in a row that agree, so a
+    short burst of other work does not make it flap. The text does not depend on the thread
+    count (each output row is computed by one thread), so this changes speed only.
+    """
+
+    def __init__(self, ctx: Any, threads: int, period_s: float = 1.0) -> None:
+        self._ctx, self.threads, self._period = ctx, threads, period_s
+        self._next = time.monotonic() + period_s
+        self._pending: int | None = None
+        self.changes = 0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._period
+        wanted = free_cores(samples=1)
+        if wanted == self.threads:
+            self._pending = None
+        elif wanted != self._pending:
+            self._pending = wanted
+        else:
+            import llama_cpp
+
+            llama_cpp.llama_set_n_threads(self._ctx, wanted, wanted)
+            self.threads, self._pending = wanted, None
+            self.changes += 1
 
 
 # ---- facts --------------------------------------------------------------------------------
