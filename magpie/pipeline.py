@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel
 
@@ -43,6 +42,7 @@ from magpie.executors.base import (
     attempt_blocks,
     create_executor,
 )
+from magpie.fs import as_path, is_remote, read_table
 from magpie.schema import row_uuid
 from magpie.stages.specs import ENVIRONMENT, spec_of
 from magpie.store import ShardStore, atomic_write_bytes, open_run_root
@@ -71,7 +71,7 @@ def _open_store(
     out: Path, stage: str, config: BaseModel, extra: dict[str, Any], upstream: str, overwrite: bool
 ) -> ShardStore:
     if "input" in extra:
-        refuse_overlap(Path(extra["input"]), out)
+        refuse_overlap(as_path(extra["input"]), out)
     extra = dict(extra)
     built_on = extra.pop(ENVIRONMENT, None) or environment()
     store = ShardStore(out)
@@ -93,6 +93,8 @@ def _open_store(
 def refuse_overlap(source: Path, out: Path) -> None:
     """An --out that is the --in (or inside it, or around it) would overwrite the input."""
     src, dst = source.resolve(), out.resolve()
+    if is_remote(src) != is_remote(dst):
+        return  # one local, one in an object store: they cannot overlap
     if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
         raise MagpieError(f"--out {out} overlaps --in {source}: pick an --out outside the input")
 
@@ -178,7 +180,7 @@ def _read_files(path: Path) -> pa.Table:
 
 def _read_parquet(path: Path) -> pa.Table:
     try:
-        return pq.read_table(path)
+        return read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise MagpieError(
             f"input {path} is not readable Parquet ({str(exc).splitlines()[0]}): pass a valid "

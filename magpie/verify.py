@@ -14,15 +14,14 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from magpie import locking
 from magpie.errors import MagpieError
+from magpie.fs import AnyPath, RemotePath, as_path, read_metadata, read_table
 from magpie.store import (
     META_DIR,
     RUN_STAGE_DIRS,
@@ -59,11 +58,11 @@ def _manifest(store: ShardStore, problems: list[Problem]) -> dict[str, Any] | No
 
 
 def _shard_problem(
-    store: ShardStore, index: int, path: Path, expected_hash: str | None, deep: bool
+    store: ShardStore, index: int, path: AnyPath, expected_hash: str | None, deep: bool
 ) -> tuple[str | None, int]:
     """(what is wrong or None, rows) for one Parquet shard."""
     try:
-        meta = pq.read_metadata(path)
+        meta = read_metadata(path)
     except READ_ERRORS as exc:
         return f"is truncated or not Parquet ({_first_line(exc)})", 0
     raw = (meta.metadata or {}).get(SHARD_META_KEY)
@@ -85,7 +84,7 @@ def _shard_problem(
         )
     if deep:
         try:
-            table = pq.read_table(path)
+            table = read_table(path)
         except READ_ERRORS as exc:
             return f"has garbled data ({_first_line(exc)})", meta.num_rows
         if table.num_rows != meta.num_rows:
@@ -93,7 +92,7 @@ def _shard_problem(
     rejected = store.rejected_path(index)
     if rejected.is_file():
         try:
-            pq.read_table(rejected) if deep else pq.read_metadata(rejected)
+            read_table(rejected) if deep else read_metadata(rejected)
         except READ_ERRORS as exc:
             return f"has an unreadable set-aside file {rejected} ({_first_line(exc)})", 0
     return None, meta.num_rows
@@ -149,13 +148,16 @@ def check_store(store: ShardStore, deep: bool = False) -> list[Problem]:
 # ---- repair -------------------------------------------------------------------------------
 
 
-def _move_aside(store: ShardStore, path: Path) -> Path:
+def _move_aside(store: ShardStore, path: AnyPath) -> AnyPath:
     broken = store.meta_dir / "broken"
     broken.mkdir(parents=True, exist_ok=True)
     target = broken / path.name
     if target.exists():
         target = broken / f"{path.stem}.{int(time.time() * 1000)}{path.suffix}"
-    shutil.move(str(path), target)
+    if isinstance(path, RemotePath) and isinstance(target, RemotePath):
+        path.move_to(target)
+    else:
+        shutil.move(str(path), target)
     return target
 
 
@@ -229,8 +231,8 @@ def repair(store: ShardStore, problems: list[Problem]) -> list[str]:
 class VerifyReport:
     """What `magpie verify` found in each dataset directory, and what --repair did."""
 
-    datasets: list[Path] = field(default_factory=list)
-    problems: dict[Path, list[Problem]] = field(default_factory=dict)
+    datasets: list[AnyPath] = field(default_factory=list)
+    problems: dict[AnyPath, list[Problem]] = field(default_factory=dict)
     actions: list[str] = field(default_factory=list)
     shards: int = 0
 
@@ -239,7 +241,7 @@ class VerifyReport:
         return not any(self.problems.values())
 
 
-def _datasets(path: Path) -> list[Path]:
+def _datasets(path: AnyPath) -> list[AnyPath]:
     kind = classify(path)
     if kind == "dataset":
         return [path]
@@ -254,8 +256,9 @@ def _datasets(path: Path) -> list[Path]:
     )
 
 
-def verify_path(path: Path, repair_it: bool = False, deep: bool = True) -> VerifyReport:
+def verify_path(path: AnyPath, repair_it: bool = False, deep: bool = True) -> VerifyReport:
     """Check a dataset directory (or every stage of a `magpie run` output); optionally repair."""
+    path = as_path(path)
     if not path.is_dir():
         raise MagpieError(f"{path} is not a directory: pass a dataset directory")
     report = VerifyReport()
