@@ -903,7 +903,9 @@ def run_recipe(
         Path | None, typer.Argument(help="Recipe YAML (see recipes/). Default: the CPU demo.")
     ] = None,
     num: Annotated[int | None, typer.Option(help="Instructions to synthesize.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory.", parser=as_path)
+    ] = None,
     engine: Annotated[str | None, typer.Option("--engine", "-e", help="Engine name.")] = None,
     model: ModelOpt = None,
     system_prompt: SystemOpt = None,

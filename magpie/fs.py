@@ -84,6 +84,15 @@ class RemotePath:
     def __lt__(self, other: RemotePath) -> bool:
         return str(self) < str(other)
 
+    def __fspath__(self) -> str:
+        """Code that needs a local file (DuckDB, the card, the viewer) gets one line, not a
+        folder named `s3:` in the working directory."""
+        raise MagpieError(
+            f"{self} is in an object store, and this command reads and writes local folders "
+            "only: copy it to a local folder first (the stage commands and `magpie run` accept "
+            "object-store paths)"
+        )
+
     def __truediv__(self, name: str | os.PathLike[str]) -> RemotePath:
         return RemotePath(self.fs, f"{self.path}/{str(name).strip('/')}", self.protocol)
 
@@ -213,6 +222,33 @@ def as_path(value: str | os.PathLike[str] | RemotePath) -> AnyPath:
     if protocol in LOCAL:
         return Path(rest if rest.startswith("/") else "/" + rest)
     return RemotePath.from_uri(f"{protocol}://{rest}")
+
+
+def download_tree(source: RemotePath, target: Path) -> list[Path]:
+    """Copy every object under `source` into the local folder `target`; the files written."""
+    written = []
+    for entry in source.fs.find(source.path):
+        rel = entry[len(source.path) :].lstrip("/")
+        if not rel:
+            continue
+        local = target / rel
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(bytes(source.fs.cat_file(entry)))
+        written.append(local)
+    return written
+
+
+def upload_tree(source: Path, target: RemotePath) -> list[RemotePath]:
+    """Put every file under the local folder `source` below `target` (one put per file, the
+    bookkeeping under `.magpie/` last, so a folder with its record is a complete one)."""
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    files.sort(key=lambda p: ".magpie" in p.relative_to(source).parts)
+    written = []
+    for path in files:
+        remote = target / path.relative_to(source).as_posix()
+        remote.write_bytes(path.read_bytes())
+        written.append(remote)
+    return written
 
 
 # ---- Parquet through either kind of path -------------------------------------------------------
