@@ -298,3 +298,77 @@ def test_bundled_model_instructions_to_s3(s3, tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     assert remote_rows(s3, "model") == local_rows(tmp_path / "ins")
     assert len(remote_rows(s3, "model")) == 2
+
+
+@pytest.mark.slow  # ~20 s on 2 shared cores: Ray start and two actors
+def test_ray_executor_commits_into_s3_the_rows_of_a_local_run(s3, tmp_path, monkeypatch) -> None:
+    """Actors (half a CPU each) run the shards; the driver commits them into the store."""
+    ray = pytest.importorskip("ray")
+    from rich.console import Console
+
+    from magpie import pipeline
+    from magpie.config import InstructionsConfig, ResponsesConfig
+    from magpie.executors.base import ExecutorSpec, ProgressView, create_executor
+    from magpie.fs import as_path
+
+    monkeypatch.setenv("MAGPIE_CACHE_DIR", str(tmp_path / "cache"))  # actors' logs go there
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    view = ProgressView(Console(file=io.StringIO()), enabled=False)
+    fake = {"name": "fake"}
+    ins = InstructionsConfig.model_validate({"engine": fake, "num": 8, "max_tokens": 9})
+    res = ResponsesConfig.model_validate({"engine": fake, "n": 2, "shard_size": 2})
+    pipeline.instructions(ins, tmp_path / "ins", view)
+    pipeline.responses(res, tmp_path / "ins", tmp_path / "res", view)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        executor = create_executor(ExecutorSpec(name="ray", actors=2, num_cpus=0.5))
+        try:
+            summary = pipeline.responses(
+                res, tmp_path / "ins", as_path(uri("ray-res")), view, executor=executor
+            )
+        finally:
+            executor.close()
+    finally:
+        ray.shutdown()
+    assert summary.complete and summary.shards == 4
+    assert remote_rows(s3, "ray-res") == local_rows(tmp_path / "res")
+    logs = list((tmp_path / "cache" / "logs" / "s3").rglob("responses-actor-*.log"))
+    assert logs and any("shard" in p.read_text() for p in logs)
+
+
+RUN_RECIPE = """\
+num: 3
+engine: {name: fake}
+instructions: {max_tokens: 9, shard_size: 3}
+responses: {n: 2, max_tokens: 12, shard_size: 2}
+score: {shard_size: 4, judge_engine: {options: {n_threads: 1}}}
+export: [trl]
+"""
+
+
+def test_magpie_run_into_s3_gives_the_local_run(s3, tmp_path: Path) -> None:
+    """Generation on the fake engine, scores from the bundled model as judge; the same pairs
+    and export as a local run, plus the card and viewer recorded as ours in the run record."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RUN_RECIPE)
+    local = cli("run", str(recipe), "--out", str(tmp_path / "run"), "-q")
+    assert local.returncode == 0, local.stderr
+    remote = cli("run", str(recipe), "--out", uri("run"), "-q")
+    assert remote.returncode == 0, remote.stderr
+    assert remote_rows(s3, "run/pairs") == local_rows(tmp_path / "run" / "pairs")
+    keys = objects(s3, "run")
+    export = sorted(k for k in keys if k.startswith("export/trl/") and "/.magpie/" not in k)
+    assert export == sorted(
+        str(p.relative_to(tmp_path / "run"))
+        for p in (tmp_path / "run" / "export" / "trl").iterdir()
+        if p.is_file()
+    )
+    for name in export:
+        assert keys[name] == hashlib.sha256((tmp_path / "run" / name).read_bytes()).hexdigest()
+    record = json.loads(s3.fs.cat_file(f"{BUCKET}/run/.magpie/run.json"))
+    assert {"README.md", "view.html"} <= set(record["written_files"]) and "README.md" in keys
+    check = cli("verify", uri("run"))
+    assert check.returncode == 0, check.stdout + check.stderr
+    again = cli("run", str(recipe), "--out", uri("run"), "--overwrite", "-q")
+    assert again.returncode == 0, again.stderr
+    assert remote_rows(s3, "run/pairs") == local_rows(tmp_path / "run" / "pairs")
