@@ -8,6 +8,10 @@ Layout of a dataset directory `D`:
   D/.magpie/lock             who writes D now (see magpie.locking)
   D/.magpie/broken/          shards `magpie verify --repair` moved aside (never deleted)
 
+`D` may also be an object-store prefix (`s3://bucket/d`, a `magpie.fs.RemotePath`): the same
+layout and rules, each file written by one PUT, which the store makes visible whole or not at all,
+and a lock object with a heartbeat (magpie.objectlock) in place of the OS lock.
+
 A shard is committed atomically (temp file, fsync, rename), so it is either whole or absent; each
 shard carries its own bookkeeping (rows, config hash) in the Parquet key-value metadata, so the
 manifest can always be rebuilt from the shards and a crash between the two loses nothing.

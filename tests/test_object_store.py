@@ -262,6 +262,53 @@ def test_a_second_writer_on_the_same_prefix_is_refused(s3) -> None:
     assert not s3.fs.exists(f"{BUCKET}/busy/.magpie/lock")
 
 
+def test_a_holder_that_lost_its_lock_stops_before_the_next_commit(s3, monkeypatch) -> None:
+    """A stalled holder whose lock another writer took over notices it at its next heartbeat."""
+    import pyarrow as pa
+
+    from magpie import locking
+    from magpie.errors import MagpieError
+    from magpie.fs import as_path
+    from magpie.store import ShardStore
+
+    monkeypatch.setenv("MAGPIE_LOCK_STALE_S", "0.4")  # heartbeat every 0.1 s
+    store = ShardStore(as_path(uri("lost")))
+    store._lock = lock = locking.acquire(store.root, "stalled holder")
+    try:
+        store.commit(0, pa.table({"x": [1]}), {"shard": 0, "rows": 1})
+        _lock_object(s3, "lost", heartbeat=time.time(), token="someone else")
+        deadline = time.monotonic() + 10
+        while lock.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(MagpieError, match="was taken over by pid 4242 on host elsewhere"):
+            store.commit(1, pa.table({"x": [2]}), {"shard": 1, "rows": 1})
+    finally:
+        locking.release(lock)
+    assert store.shard_indices() == [0]
+    assert json.loads(s3.fs.cat_file(f"{BUCKET}/lost/.magpie/lock"))["token"] == "someone else"
+
+
+def test_memory_store_commits_reads_and_clears_only_ours() -> None:
+    """The same store code on fsspec's in-memory filesystem (no server at all)."""
+    import pyarrow as pa
+
+    from magpie.fs import RemotePath, as_path
+    from magpie.store import ShardStore, classify, remove_ours
+
+    root = as_path("memory://magpie-test/d")
+    assert isinstance(root, RemotePath) and classify(root) == "missing"
+    store = ShardStore(root)
+    store.open_for_write("tag", {"command": "tag"}, "abc", overwrite=False)
+    store.commit(0, pa.table({"x": [1, 2]}), {"shard": 0, "rows": 2})
+    store.commit(1, pa.table({"x": pa.array([], pa.int64())}), {"shard": 1, "rows": 0})
+    store.close()
+    assert store.shard_indices() == [0, 1] and store.read_all().column("x").to_pylist() == [1, 2]
+    assert classify(root) == "dataset" and store.check(deep=True) == []
+    (root / "notes.md").write_text("mine")
+    assert [p.name for p in remove_ours(root)] == ["notes.md"]
+    assert [p.name for p in root.iterdir()] == ["notes.md"]
+
+
 def test_truncated_shard_object_is_named_and_repaired(s3) -> None:
     assert cli(*ins_args(uri("broken"), num=6)).returncode == 0
     rows = remote_rows(s3, "broken")
