@@ -620,8 +620,8 @@ def run_recipe(
         )
     finally:
         runner.close()
-    if is_remote(out):
-        summaries["export"], summaries["reports"] = _remote_exports(recipe, out)  # type: ignore[arg-type]
+    if isinstance(out, RemotePath):
+        summaries["export"], summaries["reports"] = _remote_exports(recipe, out)
         return summaries
     summaries["export"] = [
         export(out / "pairs", out / "export" / fmt, fmt, overwrite=True) for fmt in recipe.export
@@ -636,7 +636,7 @@ def _remote_exports(recipe: Recipe, out: RemotePath) -> tuple[list[Any], list[An
     import tempfile
 
     from magpie.card import CARD_NAME, PLOTS_DIR, VIEW_NAME
-    from magpie.store import _clear_inner_dataset
+    from magpie.store import clear_inner_dataset
 
     with tempfile.TemporaryDirectory(prefix="magpie-run-") as tmp:
         local = Path(tmp) / out.name
@@ -646,7 +646,7 @@ def _remote_exports(recipe: Recipe, out: RemotePath) -> tuple[list[Any], list[An
             report = export(local / "pairs", local / "export" / fmt, fmt, overwrite=True)
             target = out / "export" / fmt
             if target.exists():
-                _clear_inner_dataset(target)
+                clear_inner_dataset(target)
             upload_tree(local / "export" / fmt, target)
             report.out_dir = target
             exports.append(report)

@@ -216,13 +216,13 @@ def remove_ours(root: AnyPath) -> list[AnyPath]:
             if not left:
                 _remove(child)
         elif is_run and name in RUN_STAGE_DIRS and (child / META_DIR).is_dir():
-            foreign += _clear_inner_dataset(child)
+            foreign += clear_inner_dataset(child)
         else:
             foreign.append(child)
     return foreign
 
 
-def _clear_inner_dataset(child: AnyPath) -> list[AnyPath]:
+def clear_inner_dataset(child: AnyPath) -> list[AnyPath]:
     """A dataset inside a run (a stage or an export): our files go, under its lock; the folder
     goes too when nothing foreign is left. Returns the foreign paths left."""
     with locking.locked(child, "--overwrite of the run that holds it"):
@@ -237,7 +237,7 @@ def _clear_exports(root: AnyPath) -> list[AnyPath]:
     foreign: list[AnyPath] = []
     for child in sorted(root.iterdir()):
         if child.is_dir() and (child / META_DIR).is_dir():
-            foreign += _clear_inner_dataset(child)
+            foreign += clear_inner_dataset(child)
         else:
             foreign.append(child)
     return foreign
