@@ -205,6 +205,27 @@ def test_killed_after_commits_then_resumed_gives_identical_objects(s3, tmp_path:
     assert done["complete"] and done["rows"] == 10
 
 
+def test_plain_jsonl_and_parquet_objects_are_inputs(s3) -> None:
+    import pyarrow as pa
+
+    from magpie.fs import table_bytes
+
+    rows = [{"instruction": f"Name a colour number {i}."} for i in range(3)]
+    s3.fs.pipe_file(
+        f"{BUCKET}/plain/in.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()
+    )
+    s3.fs.pipe_file(f"{BUCKET}/plain/more.parquet", table_bytes(pa.Table.from_pylist(rows[:1])))
+    res = ["responses", "--engine", "fake", "--n", "1", "--max-tokens", "8", "-q"]
+    one = cli(*res, "--in", uri("plain/in.jsonl"), "--out", uri("from-jsonl"))
+    assert one.returncode == 0, one.stderr
+    assert [r["instruction"] for r in remote_rows(s3, "from-jsonl")] == [
+        r["instruction"] for r in rows
+    ]
+    both = cli(*res, "--in", uri("plain"), "--out", uri("from-folder"))  # .jsonl + .parquet
+    assert both.returncode == 0, both.stderr
+    assert len(remote_rows(s3, "from-folder")) == 4
+
+
 # ---- what we did not write; one writer ---------------------------------------------------------
 
 
