@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -281,6 +282,37 @@ def test_a_second_writer_on_the_same_prefix_is_refused(s3) -> None:
     finally:
         locking.release(lock)
     assert not s3.fs.exists(f"{BUCKET}/busy/.magpie/lock")
+
+
+@pytest.mark.slow  # ~15 s: a subprocess with language detection, stopped mid-run
+def test_sigterm_stops_cleanly_and_releases_the_lock_object(s3, tmp_path: Path) -> None:
+    """A model-free stage with one shard per row, stopped by SIGTERM after its first commits."""
+    source = tmp_path / "many.jsonl"
+    source.write_text("".join(json.dumps({"instruction": f"Say {i}."}) + "\n" for i in range(500)))
+    args = ["tag", "--in", str(source), "--out", uri("term"), "--tags", "language",
+            "--shard-size", "1", "-q"]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "magpie", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not [k for k in objects(s3, "term") if k.startswith("part-")]:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no shard committed in time"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "interrupted: resume with the same command" in stderr and "Traceback" not in stderr
+    assert not s3.fs.exists(f"{BUCKET}/term/.magpie/lock")
+    committed = {k: v for k, v in objects(s3, "term").items() if k.startswith("part-")}
+    check = cli("verify", uri("term"))  # every committed shard whole, none missing before another
+    assert check.returncode == 0 and f"ok: {len(committed)} shard(s)" in check.stdout, check.stdout
+    resumed = cli(*args[:-1], "--shard-size", "100", "-q")  # another config: refused, kept
+    one_line_error(resumed, "different configuration")
+    assert {k: v for k, v in objects(s3, "term").items() if k.startswith("part-")} == committed
 
 
 def test_a_holder_that_lost_its_lock_stops_before_the_next_commit(s3, monkeypatch) -> None:
