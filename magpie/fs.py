@@ -196,6 +196,19 @@ class RemotePath:
 AnyPath = Path | RemotePath
 
 
+def file_names(folder: Path | RemotePath) -> set[str]:
+    """Names of the files directly in `folder` (one listing; empty when it does not exist)."""
+    if isinstance(folder, RemotePath):
+        try:
+            entries = folder.fs.ls(folder.path, detail=True)
+        except FileNotFoundError:
+            return set()
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "file"}
+    if not folder.is_dir():
+        return set()
+    return {p.name for p in folder.iterdir() if p.is_file()}
+
+
 def is_remote(path: object) -> bool:
     return isinstance(path, RemotePath)
 
@@ -260,8 +273,25 @@ def read_table(path: AnyPath) -> pa.Table:
     return pq.read_table(path)
 
 
+FOOTER_GUESS = 64 * 1024
+
+
+def _footer(path: RemotePath) -> pa.BufferReader | None:
+    """The end of a Parquet object in one ranged GET, when it holds the whole footer (pyarrow
+    reads a file's metadata from its last bytes only); None when the footer is longer."""
+    tail = bytes(path.fs.cat_file(path.path, start=-FOOTER_GUESS))
+    if len(tail) < FOOTER_GUESS:
+        return pa.BufferReader(tail)  # the whole object
+    if tail[-4:] == b"PAR1" and int.from_bytes(tail[-8:-4], "little") + 8 <= len(tail):
+        return pa.BufferReader(tail)
+    return None
+
+
 def read_metadata(path: AnyPath) -> Any:
     if isinstance(path, RemotePath):
+        footer = _footer(path)
+        if footer is not None:
+            return pq.read_metadata(footer)
         with path.open("rb") as handle:
             return pq.read_metadata(handle)
     return pq.read_metadata(path)
@@ -269,6 +299,9 @@ def read_metadata(path: AnyPath) -> Any:
 
 def read_schema(path: AnyPath) -> pa.Schema:
     if isinstance(path, RemotePath):
+        footer = _footer(path)
+        if footer is not None:
+            return pq.read_schema(footer)
         with path.open("rb") as handle:
             return pq.read_schema(handle)
     return pq.read_schema(path)

@@ -502,6 +502,8 @@ class ShardStore:
         """The bookkeeping committed with a shard."""
         path = self.empty_marker(index)
         try:
+            if isinstance(path, RemotePath):  # one request for the common case, a shard
+                return self._remote_shard_info(index)
             if path.is_file():
                 return json.loads(path.read_text())
             path = self.shard_path(index)
@@ -509,6 +511,13 @@ class ShardStore:
             return json.loads(meta.get(SHARD_META_KEY, b"{}"))
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise self._broken(path, exc) from None
+
+    def _remote_shard_info(self, index: int) -> dict[str, Any]:
+        try:
+            meta = read_schema(self.shard_path(index)).metadata or {}
+        except FileNotFoundError:
+            return json.loads(self.empty_marker(index).read_text())
+        return json.loads(meta.get(SHARD_META_KEY, b"{}"))
 
     def iter_shards(self) -> Iterator[tuple[int, pa.Table]]:
         """The shards that hold rows, in order."""

@@ -21,7 +21,7 @@ import yaml
 
 from magpie import locking
 from magpie.errors import MagpieError
-from magpie.fs import AnyPath, RemotePath, as_path, read_metadata, read_table
+from magpie.fs import AnyPath, RemotePath, as_path, file_names, read_metadata, read_table
 from magpie.store import (
     META_DIR,
     RUN_STAGE_DIRS,
@@ -58,7 +58,12 @@ def _manifest(store: ShardStore, problems: list[Problem]) -> dict[str, Any] | No
 
 
 def _shard_problem(
-    store: ShardStore, index: int, path: AnyPath, expected_hash: str | None, deep: bool
+    store: ShardStore,
+    index: int,
+    path: AnyPath,
+    expected_hash: str | None,
+    deep: bool,
+    rejected_names: set[str],
 ) -> tuple[str | None, int]:
     """(what is wrong or None, rows) for one Parquet shard."""
     try:
@@ -90,7 +95,7 @@ def _shard_problem(
         if table.num_rows != meta.num_rows:
             return f"reads {table.num_rows} rows, its footer says {meta.num_rows}", meta.num_rows
     rejected = store.rejected_path(index)
-    if rejected.is_file():
+    if rejected.name in rejected_names:
         try:
             read_table(rejected) if deep else read_metadata(rejected)
         except READ_ERRORS as exc:
@@ -105,12 +110,15 @@ def check_store(store: ShardStore, deep: bool = False) -> list[Problem]:
     expected = manifest.get("config_hash") if manifest else None
     rows = 0
     indices = store.shard_indices()
+    # one listing per folder (each existence check is a request on an object store)
+    shards, empty = file_names(store.root), file_names(store.meta_dir / "empty")
+    rejected = file_names(store.meta_dir / "rejected")
     for index in indices:
         marker, path = store.empty_marker(index), store.shard_path(index)
-        if marker.is_file() and path.is_file():
+        if marker.name in empty and path.name in shards:
             problems.append(Problem(path, "is recorded both with rows and as empty", index))
             continue
-        if marker.is_file():
+        if marker.name in empty:
             try:
                 info = json.loads(marker.read_text())
                 if not isinstance(info, dict):
@@ -121,7 +129,7 @@ def check_store(store: ShardStore, deep: bool = False) -> list[Problem]:
             if expected and info.get("config_hash") not in (None, expected):
                 problems.append(Problem(marker, "belongs to another configuration", index))
             continue
-        what, n = _shard_problem(store, index, path, expected, deep)
+        what, n = _shard_problem(store, index, path, expected, deep, rejected)
         if what is not None:
             problems.append(Problem(path, what, index))
         else:
@@ -130,9 +138,9 @@ def check_store(store: ShardStore, deep: bool = False) -> list[Problem]:
         problems.append(
             Problem(store.shard_path(gap), "is missing between committed shards", gap, gap=True)
         )
-    for path in store.root.glob("part-*"):
-        if path.is_file() and not SHARD_RE.match(path.name):
-            problems.append(Problem(path, "is not a shard name magpie writes"))
+    for name in sorted(shards):
+        if name.startswith("part-") and not SHARD_RE.match(name):
+            problems.append(Problem(store.root / name, "is not a shard name magpie writes"))
     bad = any(p.shard is not None and not p.gap for p in problems)
     if manifest and manifest.get("complete") and not bad and manifest.get("rows", rows) != rows:
         problems.append(
