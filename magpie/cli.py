@@ -33,6 +33,7 @@ from magpie.engines.base import ModelInfo, create_engine
 from magpie.errors import MagpieError
 from magpie.executors.base import Executor, ExecutorSpec, ProgressView, RunSummary, create_executor
 from magpie.export import FORMATS
+from magpie.fs import as_path
 from magpie.inputs import resolve_dataset, short_note
 from magpie.locking import release_all as release_all_locks
 from magpie.options import (
@@ -280,9 +281,9 @@ def template(
 @app.command()
 @friendly_errors
 def instructions(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")] = Path(
-        "data/instructions"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output dataset directory.", parser=as_path)
+    ] = Path("data/instructions"),
     num: NumOpt = 200,
     engine: EngineOpt = "llamacpp",
     model: ModelOpt = None,
@@ -510,7 +511,9 @@ def pairs(
 @friendly_errors
 def extend(
     source: InOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output dataset directory.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output dataset directory.", parser=as_path)
+    ],
     turns: Annotated[int, typer.Option(help="User turns per conversation after extension.")] = 2,
     engine: EngineOpt = "llamacpp",
     model: ModelOpt = None,
@@ -900,7 +903,9 @@ def run_recipe(
         Path | None, typer.Argument(help="Recipe YAML (see recipes/). Default: the CPU demo.")
     ] = None,
     num: Annotated[int | None, typer.Option(help="Instructions to synthesize.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory.", parser=as_path)
+    ] = None,
     engine: Annotated[str | None, typer.Option("--engine", "-e", help="Engine name.")] = None,
     model: ModelOpt = None,
     system_prompt: SystemOpt = None,

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from magpie import __version__
+from magpie import __version__, locking
 from magpie.errors import MagpieError
 from magpie.selection import POSITION, Selection, selection_query
 from magpie.store import ShardStore
@@ -629,6 +629,7 @@ def _shards(reader: pa.RecordBatchReader, shard_rows: int) -> Iterator[pa.Table]
         yield pa.Table.from_batches(pending, schema=reader.schema)
 
 
+@locking.releasing  # the output's lock goes when the call returns, not at process exit
 def filter_dataset(
     src: Path,
     out: Path,

@@ -5,6 +5,8 @@
 - a folder whose datasets sit in subfolders: refused when it holds more than one (naming them),
   resolved to the one when it holds exactly one;
 - anything else (plain Parquet/JSONL files, a Hugging Face download): itself.
+
+Paths may be object-store URIs (`s3://bucket/prefix`, see magpie.fs): the same rules apply.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from magpie.errors import MagpieError
+from magpie.fs import as_path
 
 MANIFEST = Path(".magpie") / "manifest.json"
 EXPORT_MANIFEST = Path(".magpie") / "export.json"
@@ -58,7 +61,7 @@ def resolve_dataset(path: Path) -> tuple[Path, str | None]:
     Raises MagpieError for a folder holding several datasets. `short_note(dataset)` tells
     whether the dataset it resolved to is short.
     """
-    path = Path(path)
+    path = as_path(path)
     if not path.is_dir() or _is_dataset(path):
         return path, None
     if (path / "recipe.yaml").is_file() and _is_dataset(path / RUN_FINAL):

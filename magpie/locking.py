@@ -7,6 +7,9 @@ the flock) or when its pid no longer lives on this host; a stale lock is taken o
 warning. Releasing empties the file but never deletes it, so two processes can never hold
 flocks on two different files of the same name.
 
+On an object store (`s3://...`) the lock is an object with a heartbeat instead: see
+magpie.objectlock.
+
 Locks are re-entrant within a process (a resumed stage in the same process reuses the lock it
 holds) and every lock still held is released when the process exits normally.
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from magpie.errors import MagpieError
+from magpie.fs import RemotePath, as_path
 
 LOCK_NAME = "lock"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,6 +83,9 @@ class DatasetLock:
     os_locked: bool
     depth: int = 1
 
+    def check(self) -> None:
+        """A local lock cannot be lost while held (the OS keeps the flock)."""
+
     def release(self) -> None:
         """Empty the lock file and drop the OS lock (the file itself stays)."""
         _HELD.pop(self.path, None)
@@ -98,7 +105,7 @@ class DatasetLock:
         return current is None or current.get("pid") == self.holder["pid"]
 
 
-_HELD: dict[Path, DatasetLock] = {}
+_HELD: dict[Any, Any] = {}  # lock path -> DatasetLock, or ObjectLock on an object store
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:
@@ -123,9 +130,13 @@ def _write_holder(fd: int, holder: dict[str, Any]) -> None:
     os.fsync(fd)
 
 
-def acquire(root: Path | str, command: str | None = None) -> DatasetLock:
+def acquire(root: Path | RemotePath | str, command: str | None = None) -> Any:
     """Lock dataset directory `root` for writing, or raise a MagpieError naming the holder."""
-    root = Path(root)
+    root = as_path(root)
+    if isinstance(root, RemotePath):
+        from magpie import objectlock
+
+        return objectlock.acquire(root, command or _command_line())
     meta = root / ".magpie"
     meta.mkdir(parents=True, exist_ok=True)
     path = (meta / LOCK_NAME).resolve()
@@ -181,7 +192,7 @@ def _try_flock(fd: int) -> bool:
     return True
 
 
-def release(lock: DatasetLock) -> None:
+def release(lock: Any) -> None:
     """Drop one hold of `lock`; the last one releases it."""
     lock.depth -= 1
     if lock.depth <= 0:
@@ -195,7 +206,7 @@ def release_all() -> None:
 
 
 @contextlib.contextmanager
-def locked(root: Path | str, command: str | None = None) -> Iterator[DatasetLock]:
+def locked(root: Path | RemotePath | str, command: str | None = None) -> Iterator[Any]:
     """`with locked(D): ...` holds the write lock of `D` for the block."""
     lock = acquire(root, command)
     try:
@@ -204,9 +215,14 @@ def locked(root: Path | str, command: str | None = None) -> Iterator[DatasetLock
         release(lock)
 
 
-def holder_of(root: Path | str) -> dict[str, Any] | None:
+def holder_of(root: Path | RemotePath | str) -> dict[str, Any] | None:
     """Who holds the lock of `root` now (None when free or stale)."""
-    path = Path(root) / ".magpie" / LOCK_NAME
+    root = as_path(root)
+    if isinstance(root, RemotePath):
+        from magpie import objectlock
+
+        return objectlock.holder_of(root)
+    path = root / ".magpie" / LOCK_NAME
     if not path.is_file():
         return None
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

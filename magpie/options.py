@@ -20,6 +20,7 @@ from magpie.config import (
     TemplateSpec,
 )
 from magpie.engines.base import engine_names
+from magpie.fs import as_path
 
 
 def field_help(model: type[BaseModel], name: str, extra: str = "") -> str:
@@ -38,11 +39,20 @@ def default_out(source: Path, stage: str) -> Path:
 _IN_HELP = (
     "Input: a dataset folder, a `magpie run` folder (its final dataset), or a .parquet/.jsonl file."
 )
-InOpt = Annotated[Path, typer.Option("--in", "-i", help=_IN_HELP)]
-MaybeInOpt = Annotated[Path | None, typer.Option("--in", "-i", help=_IN_HELP, show_default=False)]
+# parser=as_path: a local Path, or a RemotePath for s3://, gs://, memory:// ... (magpie.fs)
+InOpt = Annotated[Path, typer.Option("--in", "-i", help=_IN_HELP, parser=as_path)]
+MaybeInOpt = Annotated[
+    Path | None,
+    typer.Option("--in", "-i", help=_IN_HELP, show_default=False, parser=as_path),
+]
 OutOpt = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Output dataset directory. Default: IN-<command> beside IN."),
+    typer.Option(
+        "--out",
+        "-o",
+        help="Output dataset directory. Default: IN-<command> beside IN.",
+        parser=as_path,
+    ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace an existing dataset in --out.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]

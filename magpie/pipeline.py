@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel
 
@@ -43,6 +42,7 @@ from magpie.executors.base import (
     attempt_blocks,
     create_executor,
 )
+from magpie.fs import RemotePath, as_path, download_tree, is_remote, read_table, upload_tree
 from magpie.schema import row_uuid
 from magpie.stages.specs import ENVIRONMENT, spec_of
 from magpie.store import ShardStore, atomic_write_bytes, open_run_root
@@ -71,7 +71,7 @@ def _open_store(
     out: Path, stage: str, config: BaseModel, extra: dict[str, Any], upstream: str, overwrite: bool
 ) -> ShardStore:
     if "input" in extra:
-        refuse_overlap(Path(extra["input"]), out)
+        refuse_overlap(as_path(extra["input"]), out)
     extra = dict(extra)
     built_on = extra.pop(ENVIRONMENT, None) or environment()
     store = ShardStore(out)
@@ -93,6 +93,8 @@ def _open_store(
 def refuse_overlap(source: Path, out: Path) -> None:
     """An --out that is the --in (or inside it, or around it) would overwrite the input."""
     src, dst = source.resolve(), out.resolve()
+    if is_remote(src) != is_remote(dst):
+        return  # one local, one in an object store: they cannot overlap
     if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
         raise MagpieError(f"--out {out} overlaps --in {source}: pick an --out outside the input")
 
@@ -178,7 +180,7 @@ def _read_files(path: Path) -> pa.Table:
 
 def _read_parquet(path: Path) -> pa.Table:
     try:
-        return pq.read_table(path)
+        return read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise MagpieError(
             f"input {path} is not readable Parquet ({str(exc).splitlines()[0]}): pass a valid "
@@ -394,6 +396,7 @@ def responses(
     )
 
 
+@locking.releasing
 def extend(
     config: Any,
     source: Path,
@@ -586,7 +589,7 @@ def run_recipe(
     Every stage runs on one executor (`executor`, else the recipe's `executor:`), so a local run
     loads a model once for the stages that share it.
     """
-    out = Path(recipe.out)
+    out = as_path(recipe.out)
     ins_cfg, res_cfg = recipe.instructions_config(), recipe.responses_config()
     open_run_root(out, overwrite)
     atomic_write_bytes(
@@ -617,11 +620,52 @@ def run_recipe(
         )
     finally:
         runner.close()
+    if isinstance(out, RemotePath):
+        summaries["export"], summaries["reports"] = _remote_exports(recipe, out)
+        return summaries
     summaries["export"] = [
         export(out / "pairs", out / "export" / fmt, fmt, overwrite=True) for fmt in recipe.export
     ]
     summaries["reports"] = reports(out)
     return summaries
+
+
+def _remote_exports(recipe: Recipe, out: RemotePath) -> tuple[list[Any], list[Any]]:
+    """Exports, card and viewer of a run in an object store: made from a local copy of the final
+    dataset, then put beside it (each export folder's own record last)."""
+    import tempfile
+
+    from magpie.card import CARD_NAME, PLOTS_DIR, VIEW_NAME
+    from magpie.store import clear_inner_dataset
+
+    with tempfile.TemporaryDirectory(prefix="magpie-run-") as tmp:
+        local = Path(tmp) / out.name
+        download_tree(out / "pairs", local / "pairs")
+        exports = []
+        for fmt in recipe.export:
+            report = export(local / "pairs", local / "export" / fmt, fmt, overwrite=True)
+            target = out / "export" / fmt
+            if target.exists():
+                clear_inner_dataset(target)
+            upload_tree(local / "export" / fmt, target)
+            report.out_dir = target
+            exports.append(report)
+        written = reports(local)
+        store = ShardStore(out)
+        for name in (CARD_NAME, PLOTS_DIR, VIEW_NAME):
+            path = local / name
+            if path.is_dir():
+                upload_tree(path, out / name)
+            elif path.is_file():
+                atomic_write_bytes(out / name, path.read_bytes())
+            else:
+                continue
+            store.record_written(name)
+        for report in written:
+            for attr, name in (("card", CARD_NAME), ("path", VIEW_NAME)):
+                if isinstance(getattr(report, attr, None), Path):
+                    setattr(report, attr, out / name)
+    return exports, written
 
 
 # ---- card and viewer -------------------------------------------------------------------------

@@ -8,6 +8,10 @@ Layout of a dataset directory `D`:
   D/.magpie/lock             who writes D now (see magpie.locking)
   D/.magpie/broken/          shards `magpie verify --repair` moved aside (never deleted)
 
+`D` may also be an object-store prefix (`s3://bucket/d`, a `magpie.fs.RemotePath`): the same
+layout and rules, each file written by one PUT, which the store makes visible whole or not at all,
+and a lock object with a heartbeat (magpie.objectlock) in place of the OS lock.
+
 A shard is committed atomically (temp file, fsync, rename), so it is either whole or absent; each
 shard carries its own bookkeeping (rows, config hash) in the Parquet key-value metadata, so the
 manifest can always be rebuilt from the shards and a crash between the two loses nothing.
@@ -35,6 +39,7 @@ import yaml
 
 from magpie import __version__, locking
 from magpie.errors import MagpieError
+from magpie.fs import AnyPath, RemotePath, as_path, read_schema, read_table, table_bytes
 
 META_DIR = ".magpie"
 SHARD_META_KEY = b"magpie"
@@ -92,20 +97,29 @@ def _replace_from_temp(path: Path, write: Any) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
+def atomic_write_bytes(path: AnyPath, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part.
+
+    Local: temp file, fsync, rename. Object store: one put, which is whole or absent.
+    """
+    if isinstance(path, RemotePath):
+        path.write_bytes(data)
+        return
     _replace_from_temp(path, lambda tmp: tmp.write_bytes(data))
 
 
-def atomic_write_table(path: Path, table: pa.Table) -> None:
-    """Write a Parquet file atomically (temp file, fsync, rename)."""
+def atomic_write_table(path: AnyPath, table: pa.Table) -> None:
+    """Write a Parquet file atomically (temp file, fsync, rename; one put on an object store)."""
+    if isinstance(path, RemotePath):
+        path.write_bytes(table_bytes(table))
+        return
     _replace_from_temp(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 # ---- what a directory is, and what in it is ours ------------------------------------------------
 
 
-def classify(root: Path) -> str:
+def classify(root: AnyPath) -> str:
     """'missing', 'empty', 'dataset' (has .magpie/), 'run' (a `magpie run` output) or 'foreign'."""
     if not root.exists():
         return "missing"
@@ -127,13 +141,13 @@ def _is_transient(name: str) -> bool:
     return bool(TEMP_RE.match(name) or PROBE_RE.match(name))
 
 
-def _list_names(paths: list[Path], limit: int = 4) -> str:
+def _list_names(paths: list[AnyPath], limit: int = 4) -> str:
     names = [p.name + ("/" if p.is_dir() else "") for p in paths[:limit]]
     more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
     return ", ".join(names) + more
 
 
-def refuse_foreign(root: Path, what: str = "--out") -> None:
+def refuse_foreign(root: AnyPath, what: str = "--out") -> None:
     """Raise for a directory that holds files magpie did not write (or is a file)."""
     kind = classify(root)
     if kind == "file":
@@ -145,7 +159,7 @@ def refuse_foreign(root: Path, what: str = "--out") -> None:
         )
 
 
-def _recorded(meta: Path) -> list[str]:
+def _recorded(meta: AnyPath) -> list[str]:
     """Names recorded as written by us (manifest or run record), read leniently."""
     names: list[str] = []
     for record in (meta / "manifest.json", meta / RUN_FILE, meta / "export.json"):
@@ -165,14 +179,16 @@ def _is_ours(name: str, recorded: set[str], is_export: bool) -> bool:
     return is_export and bool(EXPORT_RE.match(name))
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+def _remove(path: AnyPath) -> None:
+    if isinstance(path, RemotePath):
+        path.rmtree()  # an object, or every object under a prefix
+    elif path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
 
 
-def remove_ours(root: Path) -> list[Path]:
+def remove_ours(root: AnyPath) -> list[AnyPath]:
     """Delete what magpie wrote in `root`; return the foreign paths that were left in place.
 
     Ours: shards, export files of an export directory, temp files, files recorded in
@@ -183,7 +199,7 @@ def remove_ours(root: Path) -> list[Path]:
     recorded = set(_recorded(meta))
     is_export = (meta / "export.json").is_file()
     is_run = classify(root) == "run"
-    foreign: list[Path] = []
+    foreign: list[AnyPath] = []
     for child in sorted(root.iterdir()):
         name = child.name
         if name == META_DIR:
@@ -200,13 +216,13 @@ def remove_ours(root: Path) -> list[Path]:
             if not left:
                 _remove(child)
         elif is_run and name in RUN_STAGE_DIRS and (child / META_DIR).is_dir():
-            foreign += _clear_inner_dataset(child)
+            foreign += clear_inner_dataset(child)
         else:
             foreign.append(child)
     return foreign
 
 
-def _clear_inner_dataset(child: Path) -> list[Path]:
+def clear_inner_dataset(child: AnyPath) -> list[AnyPath]:
     """A dataset inside a run (a stage or an export): our files go, under its lock; the folder
     goes too when nothing foreign is left. Returns the foreign paths left."""
     with locking.locked(child, "--overwrite of the run that holds it"):
@@ -216,18 +232,18 @@ def _clear_inner_dataset(child: Path) -> list[Path]:
     return left
 
 
-def _clear_exports(root: Path) -> list[Path]:
+def _clear_exports(root: AnyPath) -> list[AnyPath]:
     """The `export/` folder of a run: one export directory per format."""
-    foreign: list[Path] = []
+    foreign: list[AnyPath] = []
     for child in sorted(root.iterdir()):
         if child.is_dir() and (child / META_DIR).is_dir():
-            foreign += _clear_inner_dataset(child)
+            foreign += clear_inner_dataset(child)
         else:
             foreign.append(child)
     return foreign
 
 
-def clear_for_overwrite(root: Path) -> None:
+def clear_for_overwrite(root: AnyPath) -> None:
     """--overwrite: remove what we wrote; name what stays."""
     foreign = remove_ours(root)
     if foreign:
@@ -236,7 +252,9 @@ def clear_for_overwrite(root: Path) -> None:
         )
 
 
-def prepare_output_dir(out: Path, overwrite: bool, what: str = "--out", lock: bool = False) -> None:
+def prepare_output_dir(
+    out: AnyPath, overwrite: bool, what: str = "--out", lock: bool = False
+) -> None:
     """Make `out` ready for a command that writes whole files (export, card, view).
 
     Missing or empty: created. Ours: refused unless `overwrite`, which removes only our files.
@@ -256,7 +274,7 @@ def prepare_output_dir(out: Path, overwrite: bool, what: str = "--out", lock: bo
         clear_for_overwrite(out)
 
 
-def remove_stale_temps(root: Path) -> list[Path]:
+def remove_stale_temps(root: AnyPath) -> list[AnyPath]:
     """Delete temp files left by killed writers (we hold the lock, so no one else writes)."""
     removed = []
     dirs = [root, root / META_DIR, root / META_DIR / "rejected", root / META_DIR / "empty"]
@@ -278,7 +296,7 @@ def remove_stale_temps(root: Path) -> list[Path]:
 class Problem:
     """Something wrong in a dataset directory; `shard` is set when one shard is at fault."""
 
-    path: Path
+    path: AnyPath
     what: str
     shard: int | None = None
     gap: bool = False  # a shard index missing between committed ones: the executor redoes it
@@ -291,8 +309,8 @@ class Problem:
 class ShardStore:
     """The shards and manifest of one dataset directory."""
 
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+    def __init__(self, root: AnyPath | str) -> None:
+        self.root = as_path(root)
         self.meta_dir = self.root / META_DIR
         self.config_hash: str | None = None
         self._lock: locking.DatasetLock | None = None
@@ -363,6 +381,22 @@ class ShardStore:
 
     def check_writable(self) -> None:
         """Fail early, with the fix: a foreign, locked or unwritable directory is refused."""
+        if not isinstance(self.root, RemotePath):
+            self._check_writable()
+            return
+        try:
+            self._check_writable()
+        except MagpieError:
+            raise
+        except Exception as exc:  # the store's own errors: no bucket, no credentials, ...
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MagpieError(
+                f"cannot write to {self.root} ({type(exc).__name__}: {reason}): check that the "
+                "bucket exists and the store's credentials and endpoint are set (e.g. AWS_* or "
+                "FSSPEC_S3_ENDPOINT_URL)"
+            ) from None
+
+    def _check_writable(self) -> None:
         refuse_foreign(self.root)
         holder = locking.holder_of(self.root)
         if holder is not None and holder.get("pid") != os.getpid():
@@ -398,13 +432,13 @@ class ShardStore:
         self.update_manifest(written_files=names)
 
     # ---- shards --------------------------------------------------------------------------
-    def shard_path(self, index: int) -> Path:
+    def shard_path(self, index: int) -> AnyPath:
         return self.root / f"part-{index:05d}.parquet"
 
-    def rejected_path(self, index: int) -> Path:
+    def rejected_path(self, index: int) -> AnyPath:
         return self.meta_dir / "rejected" / f"part-{index:05d}.parquet"
 
-    def empty_marker(self, index: int) -> Path:
+    def empty_marker(self, index: int) -> AnyPath:
         return self.meta_dir / "empty" / f"part-{index:05d}.json"
 
     def shard_indices(self) -> list[int]:
@@ -426,6 +460,8 @@ class ShardStore:
         """
         if self.config_hash is not None:
             info = {**info, "config_hash": self.config_hash}
+        if self._lock is not None:
+            self._lock.check()  # an object-store lock taken over while we were stalled
         try:
             if rejected is not None:
                 atomic_write_table(self.rejected_path(index), rejected)
@@ -445,7 +481,7 @@ class ShardStore:
                 "command to resume"
             ) from None
 
-    def _broken(self, path: Path, exc: Exception) -> MagpieError:
+    def _broken(self, path: AnyPath, exc: Exception) -> MagpieError:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return MagpieError(
             f"{path} is unreadable ({reason}): run `magpie verify {self.root} --repair` to move "
@@ -458,7 +494,7 @@ class ShardStore:
         if not path.is_file():
             return None
         try:
-            return pq.read_table(path)
+            return read_table(path)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise self._broken(path, exc) from None
 
@@ -466,13 +502,22 @@ class ShardStore:
         """The bookkeeping committed with a shard."""
         path = self.empty_marker(index)
         try:
+            if isinstance(path, RemotePath):  # one request for the common case, a shard
+                return self._remote_shard_info(index)
             if path.is_file():
                 return json.loads(path.read_text())
             path = self.shard_path(index)
-            meta = pq.read_schema(path).metadata or {}
+            meta = read_schema(path).metadata or {}
             return json.loads(meta.get(SHARD_META_KEY, b"{}"))
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise self._broken(path, exc) from None
+
+    def _remote_shard_info(self, index: int) -> dict[str, Any]:
+        try:
+            meta = read_schema(self.shard_path(index)).metadata or {}
+        except FileNotFoundError:
+            return json.loads(self.empty_marker(index).read_text())
+        return json.loads(meta.get(SHARD_META_KEY, b"{}"))
 
     def iter_shards(self) -> Iterator[tuple[int, pa.Table]]:
         """The shards that hold rows, in order."""
@@ -535,7 +580,7 @@ class ShardStore:
         return manifest
 
 
-def open_run_root(out: Path, overwrite: bool) -> None:
+def open_run_root(out: AnyPath, overwrite: bool) -> None:
     """Lock the output folder of `magpie run` and, with `overwrite`, clear what runs wrote there."""
     refuse_foreign(out)
     if classify(out) == "dataset":

@@ -14,15 +14,14 @@ import json
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from magpie import locking
 from magpie.errors import MagpieError
+from magpie.fs import AnyPath, RemotePath, as_path, file_names, read_metadata, read_table
 from magpie.store import (
     META_DIR,
     RUN_STAGE_DIRS,
@@ -59,11 +58,16 @@ def _manifest(store: ShardStore, problems: list[Problem]) -> dict[str, Any] | No
 
 
 def _shard_problem(
-    store: ShardStore, index: int, path: Path, expected_hash: str | None, deep: bool
+    store: ShardStore,
+    index: int,
+    path: AnyPath,
+    expected_hash: str | None,
+    deep: bool,
+    rejected_names: set[str],
 ) -> tuple[str | None, int]:
     """(what is wrong or None, rows) for one Parquet shard."""
     try:
-        meta = pq.read_metadata(path)
+        meta = read_metadata(path)
     except READ_ERRORS as exc:
         return f"is truncated or not Parquet ({_first_line(exc)})", 0
     raw = (meta.metadata or {}).get(SHARD_META_KEY)
@@ -85,15 +89,15 @@ def _shard_problem(
         )
     if deep:
         try:
-            table = pq.read_table(path)
+            table = read_table(path)
         except READ_ERRORS as exc:
             return f"has garbled data ({_first_line(exc)})", meta.num_rows
         if table.num_rows != meta.num_rows:
             return f"reads {table.num_rows} rows, its footer says {meta.num_rows}", meta.num_rows
     rejected = store.rejected_path(index)
-    if rejected.is_file():
+    if rejected.name in rejected_names:
         try:
-            pq.read_table(rejected) if deep else pq.read_metadata(rejected)
+            read_table(rejected) if deep else read_metadata(rejected)
         except READ_ERRORS as exc:
             return f"has an unreadable set-aside file {rejected} ({_first_line(exc)})", 0
     return None, meta.num_rows
@@ -106,12 +110,15 @@ def check_store(store: ShardStore, deep: bool = False) -> list[Problem]:
     expected = manifest.get("config_hash") if manifest else None
     rows = 0
     indices = store.shard_indices()
+    # one listing per folder (each existence check is a request on an object store)
+    shards, empty = file_names(store.root), file_names(store.meta_dir / "empty")
+    rejected = file_names(store.meta_dir / "rejected")
     for index in indices:
         marker, path = store.empty_marker(index), store.shard_path(index)
-        if marker.is_file() and path.is_file():
+        if marker.name in empty and path.name in shards:
             problems.append(Problem(path, "is recorded both with rows and as empty", index))
             continue
-        if marker.is_file():
+        if marker.name in empty:
             try:
                 info = json.loads(marker.read_text())
                 if not isinstance(info, dict):
@@ -122,7 +129,7 @@ def check_store(store: ShardStore, deep: bool = False) -> list[Problem]:
             if expected and info.get("config_hash") not in (None, expected):
                 problems.append(Problem(marker, "belongs to another configuration", index))
             continue
-        what, n = _shard_problem(store, index, path, expected, deep)
+        what, n = _shard_problem(store, index, path, expected, deep, rejected)
         if what is not None:
             problems.append(Problem(path, what, index))
         else:
@@ -131,9 +138,9 @@ def check_store(store: ShardStore, deep: bool = False) -> list[Problem]:
         problems.append(
             Problem(store.shard_path(gap), "is missing between committed shards", gap, gap=True)
         )
-    for path in store.root.glob("part-*"):
-        if path.is_file() and not SHARD_RE.match(path.name):
-            problems.append(Problem(path, "is not a shard name magpie writes"))
+    for name in sorted(shards):
+        if name.startswith("part-") and not SHARD_RE.match(name):
+            problems.append(Problem(store.root / name, "is not a shard name magpie writes"))
     bad = any(p.shard is not None and not p.gap for p in problems)
     if manifest and manifest.get("complete") and not bad and manifest.get("rows", rows) != rows:
         problems.append(
@@ -149,13 +156,16 @@ def check_store(store: ShardStore, deep: bool = False) -> list[Problem]:
 # ---- repair -------------------------------------------------------------------------------
 
 
-def _move_aside(store: ShardStore, path: Path) -> Path:
+def _move_aside(store: ShardStore, path: AnyPath) -> AnyPath:
     broken = store.meta_dir / "broken"
     broken.mkdir(parents=True, exist_ok=True)
     target = broken / path.name
     if target.exists():
         target = broken / f"{path.stem}.{int(time.time() * 1000)}{path.suffix}"
-    shutil.move(str(path), target)
+    if isinstance(path, RemotePath) and isinstance(target, RemotePath):
+        path.move_to(target)
+    else:
+        shutil.move(str(path), target)
     return target
 
 
@@ -229,8 +239,8 @@ def repair(store: ShardStore, problems: list[Problem]) -> list[str]:
 class VerifyReport:
     """What `magpie verify` found in each dataset directory, and what --repair did."""
 
-    datasets: list[Path] = field(default_factory=list)
-    problems: dict[Path, list[Problem]] = field(default_factory=dict)
+    datasets: list[AnyPath] = field(default_factory=list)
+    problems: dict[AnyPath, list[Problem]] = field(default_factory=dict)
     actions: list[str] = field(default_factory=list)
     shards: int = 0
 
@@ -239,7 +249,7 @@ class VerifyReport:
         return not any(self.problems.values())
 
 
-def _datasets(path: Path) -> list[Path]:
+def _datasets(path: AnyPath) -> list[AnyPath]:
     kind = classify(path)
     if kind == "dataset":
         return [path]
@@ -254,8 +264,9 @@ def _datasets(path: Path) -> list[Path]:
     )
 
 
-def verify_path(path: Path, repair_it: bool = False, deep: bool = True) -> VerifyReport:
+def verify_path(path: AnyPath, repair_it: bool = False, deep: bool = True) -> VerifyReport:
     """Check a dataset directory (or every stage of a `magpie run` output); optionally repair."""
+    path = as_path(path)
     if not path.is_dir():
         raise MagpieError(f"{path} is not a directory: pass a dataset directory")
     report = VerifyReport()

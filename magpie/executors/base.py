@@ -4,7 +4,10 @@ An executor runs a `Job`: a stage (built where it runs from its picklable spec) 
 a plan, committing slice k as shard k through `ShardStore`. The driver alone commits shards and
 writes the manifest, so a killed run loses at most the shards in flight, and rerunning it computes
 only the shards that are missing (in any order: a shard's rows depend only on config and shard).
-A source stage (instructions) also has a gate: its blocks are committed in order through it.
+A source stage (instructions) also has a gate: its blocks are committed in order through it. A
+block missing between committed ones (lost, or moved aside by `magpie verify --repair`) is redone
+alone: the gate sees the blocks before it, accepts the redone block, then observes the committed
+blocks after it again, which stay as they are (a block's rows depend only on config and block).
 """
 
 from __future__ import annotations
@@ -206,6 +209,7 @@ class Driver:
         self.started = time.monotonic()
         self._held: dict[int, TransformOutput] = {}
         self._next = 0  # next block a gate accepts
+        self._later: set[int] = set()  # committed blocks after a missing one (gate only)
         committed = set(store.shard_indices())
         if job.gate is not None:
             self._resume_gate(committed)
@@ -221,20 +225,20 @@ class Driver:
         self._update_progress()
 
     def _resume_gate(self, committed: set[int]) -> None:
-        gate = self.job.gate
-        assert gate is not None
+        if committed and self._cut_by_budget(max(committed), committed):
+            committed.discard(max(committed))  # redone whole under the larger budget
         while self._next in committed:
-            if self._cut_by_budget(self._next, committed):
-                committed.discard(self._next)  # redone whole under the larger budget
-                break
-            gate.observe(self.store.read_shard(self._next))
-            self.summary.add_shard(self.store.shard_info(self._next), new=False)
-            self._next += 1
-        if any(i > self._next for i in committed):
-            raise MagpieError(
-                f"{self.store.root} misses block {self._next} of attempts before a later one: "
-                "pass --overwrite to start again"
-            )
+            self._observe(self._next)
+        # blocks committed after a missing one: observed again once the missing one is redone
+        self._later = {i for i in committed if i > self._next}
+
+    def _observe(self, index: int) -> None:
+        """Feed the gate a block an earlier run committed, and count it."""
+        assert self.job.gate is not None
+        self.job.gate.observe(self.store.read_shard(index))
+        self.summary.add_shard(self.store.shard_info(index), new=False)
+        self._later.discard(index)
+        self._next = index + 1
 
     def _cut_by_budget(self, index: int, committed: set[int]) -> bool:
         """Whether block `index` is the last one committed and an earlier, smaller attempt
@@ -257,7 +261,12 @@ class Driver:
             self._commit(index, out, {"input_rows": self.job.slice(index).num_rows})
             return
         self._held[index] = out
-        while self._next in self._held and not self.job.gate.done:
+        while not self.job.gate.done:
+            if self._next in self._later:
+                self._observe(self._next)
+                continue
+            if self._next not in self._held:
+                break
             block = self._held.pop(self._next)
             accepted, extra = self.job.gate.accept(block)
             attempts = self.job.slice(self._next).column("attempt")

@@ -6,7 +6,9 @@ per actor, and commits results through `ShardStore` as they arrive (a source sta
 order, through its gate). An actor that dies is restarted and its shard retried (`max_restarts`,
 `max_task_retries`); a `MagpieError` raised in an actor stops the run with its one line, and the
 shards already committed stay. Actors write `D/.magpie/logs/<stage>-actor-<i>.log` (the engine's
-own stderr included); the driver shows the one progress bar.
+own stderr included); for an output in an object store, where a log cannot be appended to, they
+write `$MAGPIE_CACHE_DIR/logs/<protocol>/<prefix>/` on their own machine instead. The driver
+shows the one progress bar.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from magpie.cache import cache_root
 from magpie.engines.base import EnginePool
 from magpie.errors import MagpieError
 from magpie.executors.base import Driver, ExecutorSpec, Job, RunSummary, check_columns
+from magpie.fs import RemotePath
 from magpie.stages.base import NullProgress, StageSpec, TransformOutput
 
 RAY_RANGE = ">=2.51,<2.61"
@@ -113,6 +117,13 @@ class StageWorker:
             time.monotonic() - started,
         )
         return out
+
+
+def log_dir_of(meta_dir: Any) -> str:
+    """Where actors log: beside the output, or in the local cache for an object store."""
+    if isinstance(meta_dir, RemotePath):
+        return str(cache_root() / "logs" / meta_dir.protocol / meta_dir.path)
+    return str(meta_dir / "logs")
 
 
 def _engine_spec(job: Job) -> Any:
@@ -256,7 +267,7 @@ class RayExecutor:
 
     def _drive(self, ray: Any, job: Job, driver: Driver, actors: list[Any]) -> None:
         """Keep every actor fed until the job is done."""
-        log_dir = str(driver.store.meta_dir / "logs")
+        log_dir = log_dir_of(driver.store.meta_dir)
         queue = deque(driver.pending)
         load = [0] * len(actors)
         in_flight: dict[Any, tuple[int, int]] = {}
