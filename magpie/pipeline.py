@@ -11,11 +11,10 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from pydantic import BaseModel
 
 from magpie import __version__, locking
@@ -45,8 +44,11 @@ from magpie.executors.base import (
 )
 from magpie.schema import row_uuid
 from magpie.stages.specs import ENVIRONMENT, spec_of
-from magpie.store import ShardStore, atomic_write_bytes, open_run_root
+from magpie.store import ShardStore
 from magpie.templates import ChatFormat, chat_format_for
+
+if TYPE_CHECKING:
+    from magpie.recipe import Plan, StepResult
 
 
 def resolve_format(info: ModelInfo, spec: TemplateSpec) -> ChatFormat:
@@ -576,52 +578,20 @@ def export(
 
 @locking.releasing
 def run_recipe(
-    recipe: Recipe,
+    recipe: Recipe | Plan,
     view: ProgressView,
     overwrite: bool = False,
     executor: ExecutorSpec | None = None,
-) -> dict[str, Any]:
-    """instructions -> responses -> score -> pairs -> export under `recipe.out`; resumable.
+) -> list[StepResult]:
+    """Run a recipe's steps under its `out` folder (see magpie.recipe); resumable.
 
-    Every stage runs on one executor (`executor`, else the recipe's `executor:`), so a local run
-    loads a model once for the stages that share it.
+    A `Recipe` (the fixed DPO format) runs as instructions -> responses -> scored -> pairs ->
+    export/<format>, with the card and viewer of pairs/ in the run folder.
     """
-    out = Path(recipe.out)
-    ins_cfg, res_cfg = recipe.instructions_config(), recipe.responses_config()
-    open_run_root(out, overwrite)
-    atomic_write_bytes(
-        out / "recipe.yaml",
-        yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).encode(),
-    )
-    summaries: dict[str, Any] = {}
-    runner = create_executor(executor or recipe.executor)
-    try:
-        summaries["instructions"], _ = instructions(
-            ins_cfg, out / "instructions", view, overwrite, executor=runner
-        )
-        if summaries["instructions"].rows == 0:  # a short run goes on; an empty one cannot
-            raise MagpieError(
-                "no instruction was accepted: "
-                + binding_setting(summaries["instructions"], ins_cfg)
-                .replace("--", "instructions.")
-                .replace("-", "_")
-            )
-        summaries["responses"] = responses(
-            res_cfg, out / "instructions", out / "responses", view, overwrite, executor=runner
-        )
-        summaries["score"] = score(
-            recipe.score, out / "responses", out / "scored", view, overwrite, executor=runner
-        )
-        summaries["pairs"] = pairs(
-            recipe.pairs, out / "scored", out / "pairs", view, overwrite, executor=runner
-        )
-    finally:
-        runner.close()
-    summaries["export"] = [
-        export(out / "pairs", out / "export" / fmt, fmt, overwrite=True) for fmt in recipe.export
-    ]
-    summaries["reports"] = reports(out)
-    return summaries
+    from magpie.recipe import plan_legacy, run_plan
+
+    made = plan_legacy(recipe) if isinstance(recipe, Recipe) else recipe
+    return run_plan(made, view, overwrite, executor)
 
 
 # ---- card and viewer -------------------------------------------------------------------------
@@ -662,15 +632,18 @@ def view(source: Path, out: Path | None = None) -> Any:
     return report
 
 
-def reports(run_dir: Path) -> list[Any]:
-    """The card, plots and viewer of a run's final dataset (`pairs/`), written beside it in
-    `run_dir` so the shard directory itself holds only Parquet."""
+def reports(
+    run_dir: Path, dataset: Path | None = None, plots: bool = True, view: bool = True
+) -> list[Any]:
+    """The card, plots and viewer of a run's result (default: its final dataset), written in
+    `run_dir` beside it so the shard directory itself holds only Parquet."""
     from magpie.card import CARD_NAME, VIEW_NAME, write_card
+    from magpie.inputs import resolve_dataset
     from magpie.view import write_view
 
-    dataset = run_dir / "pairs"
-    written = [write_card(dataset, run_dir / CARD_NAME)]
-    if any(dataset.glob("part-*.parquet")):
+    dataset = dataset if dataset is not None else resolve_dataset(run_dir)[0]
+    written = [write_card(dataset, run_dir / CARD_NAME, plots=plots)]
+    if view and any(dataset.glob("part-*.parquet")):
         table, _ = load_input(dataset)
         written.append(write_view(table, run_dir / VIEW_NAME, title=run_dir.resolve().name))
     _record_ours(run_dir / CARD_NAME, run_dir / VIEW_NAME)
