@@ -97,6 +97,24 @@ class ExportStep(_Strict):
 
     formats: list[str] = Field(default_factory=lambda: ["trl", "magpie"], min_length=1)
     all_responses: bool = False
+    test_size: float | None = Field(None, gt=0, lt=1, description="share moved to a test split")
+    split_seed: int = Field(0, ge=0, description="seed of the test split")
+
+    @field_validator("test_size", "split_seed")
+    @classmethod
+    def _export_has_split(cls, value: Any) -> Any:
+        import inspect
+
+        from magpie import pipeline
+
+        if value and "test_size" not in inspect.signature(pipeline.export).parameters:
+            raise ValueError("this version's export makes no test split; leave the field out")
+        return value
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of `pipeline.export` beyond the defaults."""
+        extra = {"test_size": self.test_size, "split_seed": self.split_seed}
+        return {"all_responses": self.all_responses, **{k: v for k, v in extra.items() if v}}
 
     @field_validator("formats")
     @classmethod
@@ -689,10 +707,8 @@ def _in_process(made: Plan, step: Step, source: Path, folder: Path) -> list[Any]
         )
         return [report]
     if step.stage == "export":
-        return [
-            pipeline.export(source, folder / fmt, fmt, True, all_responses=s.all_responses)
-            for fmt in s.formats
-        ]
+        options = s.options()
+        return [pipeline.export(source, folder / fmt, fmt, True, **options) for fmt in s.formats]
     if folder == made.out:
         return pipeline.reports(made.out, source, plots=s.plots, view=s.view)
     written = [pipeline.card(source, plots=s.plots)]
