@@ -217,9 +217,6 @@ class Plan:
     def final(self) -> Step:
         return [s for s in self.steps if s.makes_dataset][-1]
 
-    def step(self, name: str) -> Step:
-        return next(s for s in self.steps if s.name == name)
-
     def folder(self, step: Step) -> Path:
         """Where a step writes: its own folder; a card beside the dataset it describes."""
         if step.stage != "card":
@@ -248,7 +245,7 @@ def plan(data: dict[str, Any]) -> Plan:
     if old:
         raise MagpieError(
             f"recipe has both steps: and the section {old[0]}: of the fixed DPO format; move "
-            f"its settings into a step with stage: {'score' if old[0] == 'score' else old[0]}"
+            f"its settings into a step with stage: {old[0]}"
         )
     try:
         recipe = StepRecipe.model_validate(data)
@@ -291,6 +288,8 @@ def _step(index: int, raw: Any, shared: dict[str, Any], earlier: list[Step]) -> 
             f"recipe {where}.name: {name!r} is not a folder name we can use: letters, digits, "
             f"'.', '_', '-' (not {', '.join(sorted(RESERVED))})"
         )
+    if name == "export" and stage != "export":  # `RUN/export/` holds export folders
+        raise MagpieError(f"recipe {where}.name: 'export' is the export step's; pick another")
     for other in earlier:
         if other.name == name:
             raise MagpieError(
