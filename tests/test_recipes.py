@@ -257,10 +257,11 @@ def test_bad_set_and_mixed_formats_are_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cpu_miniature_on_the_bundled_model(tmp_path: Path) -> None:
-    """The 300K-filtered miniature as shipped (the bundled model generates and judges)."""
+    """The 300K-filtered miniature as shipped, at 8 rows: the bundled model generates and judges."""
     out = tmp_path / "run"
-    result = run_cli("run", str(RECIPES / "cpu-pro-300k-filtered.yaml"), "--out", str(out), "-q")
+    recipe = str(RECIPES / "cpu-pro-300k-filtered.yaml")
+    result = run_cli("run", recipe, "--out", str(out), "--num", "8", "-q", timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "README.md").is_file()
+    assert (out / "README.md").is_file() and resolve_dataset(out)[0] == out / "filtered"
     tagged = pq.read_table(out / "tagged").to_pylist()
     assert any(r["input_quality"] is not None for r in tagged)
