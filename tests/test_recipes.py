@@ -214,6 +214,7 @@ STEPS = [{"stage": "instructions"}, {"stage": "responses"}, {"stage": "filter", 
         ({2: {"stage": "export", "formats": ["tlr"]}}, ["steps[2] (export).formats", "'trl'"]),
         ({2: {"stage": "tag", "tags": ["reward"]}}, ["steps[2] (tag)", "reward tag needs"]),
         ({2: {"stage": "card", "name": "plots"}}, ["steps[2] (plots).name", "folder name"]),
+        ({2: {"stage": "filter", "name": "export", "limit": 1}}, ["(export).name", "export step"]),
     ],
 )  # fmt: skip
 def test_validation_names_step_and_field(change: dict, needles: list[str]) -> None:
