@@ -521,11 +521,13 @@ def step_needs(step: Step) -> list[str]:
 def describe(made: Plan) -> list[str]:
     """The resolved plan, one block per step, for `magpie run --check`."""
     lines = [f"run folder {made.out} (result: {made.final.name}/, executor {made.executor.name})"]
+    done = read_record(made.out).get("steps") or {}
     for step in made.steps:
         source = f" <- {step.input}" if step.input else ""
         folder = made.folder(step)
         target = f"{folder}/<format>" if step.stage == "export" else str(folder)
-        lines.append(f"{step.label} {step.stage}{source} -> {target}")
+        state = "  [complete: a run skips it]" if is_done(made, step, done) else ""
+        lines.append(f"{step.label} {step.stage}{source} -> {target}{state}")
         lines += [f"    {need}" for need in step_needs(step)]
         lines.append(f"    settings: {_short_settings(step)}")
     return lines
@@ -628,6 +630,21 @@ def run_plan(
     return results
 
 
+def step_key(made: Plan, step: Step) -> dict[str, Any]:
+    """What a finished step is recorded with: digests of its settings and of its input."""
+    source = made.out / step.input if step.input else None
+    return {
+        "stage": step.stage,
+        "settings": digest(step.stage, step.settings.model_dump(mode="json")),
+        "input": dataset_identity(source) if source is not None else "",
+    }
+
+
+def is_done(made: Plan, step: Step, done: dict[str, Any]) -> bool:
+    """Whether a rerun skips `step`: recorded with the same key, and its output complete."""
+    return done.get(step.name) == step_key(made, step) and _finished(step, made.folder(step))
+
+
 def _finished(step: Step, folder: Path) -> bool:
     if step.makes_dataset:
         return dataset_identity(folder) is not None
@@ -642,11 +659,7 @@ def _run_step(
 ) -> StepResult:
     source = made.out / step.input if step.input else None
     folder = made.folder(step)
-    key = {
-        "stage": step.stage,
-        "settings": digest(step.stage, step.settings.model_dump(mode="json")),
-        "input": dataset_identity(source) if source is not None else "",
-    }
+    key = step_key(made, step)
     earlier = done.get(step.name)
     if earlier == key and _finished(step, folder):
         return StepResult(step, True)

@@ -147,6 +147,8 @@ def test_rerun_resumes_at_the_first_incomplete_step(tmp_path: Path) -> None:
     assert failed.returncode == 2 and "no_such_column" in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
     done = {d: tree_digest(out / d) for d in ("instructions", "responses")}
+    planned = run_cli("run", str(recipe), "--check")  # the plan says which steps are complete
+    assert planned.returncode == 0 and planned.stdout.count("[complete") == 2, planned.stdout
     recipe.write_text(FAKE.format(out=out, where="length(instruction) > 0"))
     fixed = run_cli("run", str(recipe), "-q")
     assert fixed.returncode == 0, fixed.stderr
