@@ -606,14 +606,20 @@ def run_plan(
     """
     import yaml
 
+    from magpie import locking
     from magpie.executors.base import create_executor
-    from magpie.store import atomic_write_bytes, open_run_root
+    from magpie.store import atomic_write_bytes, classify, open_run_root
 
     out = made.out
+    if overwrite and classify(out) == "run":
+        locking.acquire(out)  # held through open_run_root (the lock is reentrant)
+        _clear_step_folders(out)
     open_run_root(out, overwrite)
     atomic_write_bytes(out / "recipe.yaml", yaml.safe_dump(made.source, sort_keys=False).encode())
     done: dict[str, Any] = dict(read_record(out).get("steps") or {})
-    write_record(out, final=made.final.name, steps=done)
+    folders = [made.folder(s).name for s in made.steps if s.stage in DATASET_STAGES + ("export",)]
+    folders = list(dict.fromkeys([*(read_record(out).get("folders") or []), *folders]))
+    write_record(out, final=made.final.name, steps=done, folders=folders)
     results: list[StepResult] = []
     shared = create_executor(executor or made.executor)
     try:
@@ -643,6 +649,31 @@ def step_key(made: Plan, step: Step) -> dict[str, Any]:
 def is_done(made: Plan, step: Step, done: dict[str, Any]) -> bool:
     """Whether a rerun skips `step`: recorded with the same key, and its output complete."""
     return done.get(step.name) == step_key(made, step) and _finished(step, made.folder(step))
+
+
+def _clear_step_folders(out: Path) -> None:
+    """--overwrite of a run: the step folders it recorded that `store.remove_ours` does not know
+    by name (a dataset, or an export step's folder of format datasets). Our files go, under each
+    dataset's lock; a folder that still holds someone else's files stays, and the run's own
+    --overwrite then names it."""
+    import shutil
+
+    from magpie import locking
+    from magpie.store import RUN_STAGE_DIRS, remove_ours
+
+    for name in read_record(out).get("folders") or []:
+        folder = out / str(name)
+        if name in RUN_STAGE_DIRS or "/" in str(name) or not folder.is_dir():
+            continue  # the fixed stage folders and export/ are cleared by the store itself
+        meta = folder / ".magpie"
+        datasets = [folder] if meta.is_dir() else [c for c in folder.iterdir() if c.is_dir()]
+        for path in (d for d in datasets if (d / ".magpie").is_dir()):
+            with locking.locked(path, "--overwrite of the run that holds it"):
+                left = remove_ours(path)
+            if not left:
+                shutil.rmtree(path)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _finished(step: Step, folder: Path) -> bool:

@@ -194,25 +194,16 @@ def remove_ours(root: Path) -> list[Path]:
             _remove(child)
         elif is_run and name == "recipe.yaml" and child.is_file():
             child.unlink()
-        elif is_run and child.is_dir() and _holds_exports(child):
+        elif is_run and name == "export" and child.is_dir():
             left = _clear_exports(child)
             foreign += left
             if not left:
                 _remove(child)
-        elif is_run and child.is_dir() and (child / META_DIR).is_dir():  # any step's dataset
+        elif is_run and name in RUN_STAGE_DIRS and (child / META_DIR).is_dir():
             foreign += _clear_inner_dataset(child)
         else:
             foreign.append(child)
     return foreign
-
-
-def _holds_exports(folder: Path) -> bool:
-    """A run's export folder (`export/`, or an export step's): one export dataset per format."""
-    if folder.name == "export":
-        return True
-    return not (folder / META_DIR).is_dir() and any(
-        (c / META_DIR / "export.json").is_file() for c in folder.iterdir()
-    )
 
 
 def _clear_inner_dataset(child: Path) -> list[Path]:
