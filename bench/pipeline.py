@@ -70,7 +70,8 @@ def main() -> None:
         )
         view = ProgressView(Console(stderr=True), enabled=False)
         started = time.perf_counter()
-        summaries = pipeline.run_recipe(recipe, view)
+        results = pipeline.run_recipe(recipe, view)
+        summaries = {r.step.stage: r.outputs[0] for r in results if r.outputs}
         total = time.perf_counter() - started
         for name in ("instructions", "responses", "score", "pairs"):
             s = summaries[name]

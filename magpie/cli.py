@@ -924,54 +924,91 @@ def run_recipe(
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Run seed; row seeds derive from it.")] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Set one field: STEP.FIELD=VALUE (a step's name, e.g. responses.max_tokens=64) "
+            "or a recipe field (num=50). Repeatable.",
+        ),
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Validate the recipe and print the resolved plan (steps, inputs, outputs, models "
+            "and whether this machine has them); run nothing.",
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     executor: ExecutorOpt = None,
     address: AddressOpt = None,
     actors: ActorsOpt = None,
 ) -> None:
-    """The DPO recipe end to end: instructions, responses, rewards, pairs, exports.
+    """Run a recipe: its steps in order, each into OUT/<step name>/ (see recipes/).
 
     With no arguments it builds a small DPO dataset on the bundled model (a few CPU minutes).
-    Flags override single fields of the recipe; the rest of it is kept. Rerun the same command
-    after an interruption to resume.
+    Flags override single fields of the recipe (--n, --temperature and --max-tokens every
+    responses step, --reward-model every score step); the rest of it is kept. Rerun the same
+    command after an interruption to resume at the first incomplete step.
     """
+    from magpie import recipe as recipes
+
     data = load_yaml(recipe) if recipe is not None else {}
-    overrides = {
+    top = {
         "num": num,
         "out": str(out) if out else None,
         "seed": seed,
         "engine": {"name": engine, "model": model},
         "template": {"system_prompt": system_prompt},
-        "responses": {"n": n, "temperature": temperature, "max_tokens": max_tokens},
-        "score": {"reward_model": reward_model, "trust_remote_code": trust_remote_code},
         "executor": {
             "name": executor or ("ray" if address or actors else None),
             "address": address,
             "actors": actors,
         },
     }
-    resolved = Recipe.model_validate(data)
-    resolved = Recipe.model_validate(deep_merge(resolved.model_dump(mode="json"), overrides))
+    stages = {
+        "responses": {"n": n, "temperature": temperature, "max_tokens": max_tokens},
+        "score": {"reward_model": reward_model, "trust_remote_code": trust_remote_code},
+    }
+    sets_parsed = recipes.parse_sets(sets or [])
+    if "steps" in data:
+        data = recipes.apply_sets(deep_merge(data, top), sets_parsed)
+        for stage, fields in stages.items():
+            recipes.override_stages(data, stage, fields)
+        made = recipes.plan(data)
+    else:
+        resolved = Recipe.model_validate(data)
+        merged = deep_merge(resolved.model_dump(mode="json"), {**top, **stages})
+        resolved = Recipe.model_validate(recipes.apply_sets(merged, sets_parsed))
+        made = recipes.plan_legacy(resolved)
+    if check:
+        for line in recipes.describe(made):
+            out_console.print(Text(line), soft_wrap=True)
+        return
     view = ProgressView(err_console, enabled=not quiet)
     with view.shown():
-        summaries = pipeline.run_recipe(resolved, view, overwrite)
-    for name in ("instructions", "responses", "score", "pairs"):
-        print_summary(summaries[name])
-    for report in summaries["export"]:
-        out_console.print(Text(report.summary()))
-    for report in summaries["reports"]:
-        out_console.print(Text(report.summary()))
-    ins = summaries["instructions"]
-    if not ins.complete:
-        warn(
-            f"only {ins.rows} of {resolved.num} instructions (budget spent); the later stages "
-            "used them. "
-            + pipeline.binding_setting(ins, resolved.instructions_config())
-            .replace("--", "instructions.")
-            .replace("-", "_")
-            + " (in the recipe)"
-        )
+        results = pipeline.run_recipe(made, view, overwrite)
+    for result in results:
+        if result.skipped:
+            out_console.print(Text(f"{result.step.label}: complete, skipped"))
+        for output in result.outputs:
+            if isinstance(output, RunSummary):
+                print_summary(output)
+            else:
+                out_console.print(Text(output.summary()))
+    for result in results:
+        ins = next(iter(result.outputs), None)
+        if result.step.stage == "instructions" and isinstance(ins, RunSummary) and not ins.complete:
+            warn(
+                f"only {ins.rows} of {result.step.settings.num} instructions (budget spent); the "
+                "later steps used them. "
+                + pipeline.binding_setting(ins, result.step.settings)
+                .replace("--", f"{result.step.name}.")
+                .replace("-", "_")
+                + " (in the recipe, or --set)"
+            )
 
 
 def _engine_options(

@@ -1,7 +1,8 @@
 """Which dataset an `--in` path means: never several mixed together.
 
 - a file, or a directory with a manifest (`.magpie/manifest.json`): itself;
-- the output folder of `magpie run` (it holds `recipe.yaml`): its final dataset, `pairs/`;
+- the output folder of `magpie run` (it holds `recipe.yaml`): its final dataset, the step named
+  `final` in `.magpie/run.json` (`pairs/` for runs that predate step recipes);
 - a folder whose datasets sit in subfolders: refused when it holds more than one (naming them),
   resolved to the one when it holds exactly one;
 - anything else (plain Parquet/JSONL files, a Hugging Face download): itself.
@@ -55,6 +56,17 @@ def short_note(path: Path) -> str | None:
     )
 
 
+def _run_final(path: Path) -> str:
+    """The step folder a `magpie run` output records as its result (see magpie.recipe)."""
+    import json
+
+    try:
+        final = json.loads((path / ".magpie" / "run.json").read_text()).get("final")
+    except (OSError, ValueError, AttributeError):
+        final = None
+    return final if isinstance(final, str) and "/" not in final and final else RUN_FINAL
+
+
 def resolve_dataset(path: Path) -> tuple[Path, str | None]:
     """The one dataset `path` stands for, and a one-line note when that is not `path` itself.
 
@@ -64,8 +76,8 @@ def resolve_dataset(path: Path) -> tuple[Path, str | None]:
     path = as_path(path)
     if not path.is_dir() or _is_dataset(path):
         return path, None
-    if (path / "recipe.yaml").is_file() and _is_dataset(path / RUN_FINAL):
-        final = path / RUN_FINAL
+    final = path / _run_final(path)
+    if (path / "recipe.yaml").is_file() and _is_dataset(final):
         return final, f"{path} is a `magpie run` output: reading its final dataset {final}"
     if any(p.suffix in {".parquet", ".jsonl", ".json"} for p in path.iterdir() if p.is_file()):
         return path, None

@@ -11,10 +11,9 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import yaml
 from pydantic import BaseModel
 
 from magpie import __version__, locking
@@ -42,11 +41,14 @@ from magpie.executors.base import (
     attempt_blocks,
     create_executor,
 )
-from magpie.fs import RemotePath, as_path, download_tree, is_remote, read_table, upload_tree
+from magpie.fs import as_path, is_remote, read_table
 from magpie.schema import row_uuid
 from magpie.stages.specs import ENVIRONMENT, spec_of
-from magpie.store import ShardStore, atomic_write_bytes, open_run_root
+from magpie.store import ShardStore
 from magpie.templates import ChatFormat, chat_format_for
+
+if TYPE_CHECKING:
+    from magpie.recipe import Plan, StepResult
 
 
 def resolve_format(info: ModelInfo, spec: TemplateSpec) -> ChatFormat:
@@ -579,93 +581,20 @@ def export(
 
 @locking.releasing
 def run_recipe(
-    recipe: Recipe,
+    recipe: Recipe | Plan,
     view: ProgressView,
     overwrite: bool = False,
     executor: ExecutorSpec | None = None,
-) -> dict[str, Any]:
-    """instructions -> responses -> score -> pairs -> export under `recipe.out`; resumable.
+) -> list[StepResult]:
+    """Run a recipe's steps under its `out` folder (see magpie.recipe); resumable.
 
-    Every stage runs on one executor (`executor`, else the recipe's `executor:`), so a local run
-    loads a model once for the stages that share it.
+    A `Recipe` (the fixed DPO format) runs as instructions -> responses -> scored -> pairs ->
+    export/<format>, with the card and viewer of pairs/ in the run folder.
     """
-    out = as_path(recipe.out)
-    ins_cfg, res_cfg = recipe.instructions_config(), recipe.responses_config()
-    open_run_root(out, overwrite)
-    atomic_write_bytes(
-        out / "recipe.yaml",
-        yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).encode(),
-    )
-    summaries: dict[str, Any] = {}
-    runner = create_executor(executor or recipe.executor)
-    try:
-        summaries["instructions"], _ = instructions(
-            ins_cfg, out / "instructions", view, overwrite, executor=runner
-        )
-        if summaries["instructions"].rows == 0:  # a short run goes on; an empty one cannot
-            raise MagpieError(
-                "no instruction was accepted: "
-                + binding_setting(summaries["instructions"], ins_cfg)
-                .replace("--", "instructions.")
-                .replace("-", "_")
-            )
-        summaries["responses"] = responses(
-            res_cfg, out / "instructions", out / "responses", view, overwrite, executor=runner
-        )
-        summaries["score"] = score(
-            recipe.score, out / "responses", out / "scored", view, overwrite, executor=runner
-        )
-        summaries["pairs"] = pairs(
-            recipe.pairs, out / "scored", out / "pairs", view, overwrite, executor=runner
-        )
-    finally:
-        runner.close()
-    if isinstance(out, RemotePath):
-        summaries["export"], summaries["reports"] = _remote_exports(recipe, out)
-        return summaries
-    summaries["export"] = [
-        export(out / "pairs", out / "export" / fmt, fmt, overwrite=True) for fmt in recipe.export
-    ]
-    summaries["reports"] = reports(out)
-    return summaries
+    from magpie.recipe import plan_legacy, run_plan
 
-
-def _remote_exports(recipe: Recipe, out: RemotePath) -> tuple[list[Any], list[Any]]:
-    """Exports, card and viewer of a run in an object store: made from a local copy of the final
-    dataset, then put beside it (each export folder's own record last)."""
-    import tempfile
-
-    from magpie.card import CARD_NAME, PLOTS_DIR, VIEW_NAME
-    from magpie.store import clear_inner_dataset
-
-    with tempfile.TemporaryDirectory(prefix="magpie-run-") as tmp:
-        local = Path(tmp) / out.name
-        download_tree(out / "pairs", local / "pairs")
-        exports = []
-        for fmt in recipe.export:
-            report = export(local / "pairs", local / "export" / fmt, fmt, overwrite=True)
-            target = out / "export" / fmt
-            if target.exists():
-                clear_inner_dataset(target)
-            upload_tree(local / "export" / fmt, target)
-            report.out_dir = target
-            exports.append(report)
-        written = reports(local)
-        store = ShardStore(out)
-        for name in (CARD_NAME, PLOTS_DIR, VIEW_NAME):
-            path = local / name
-            if path.is_dir():
-                upload_tree(path, out / name)
-            elif path.is_file():
-                atomic_write_bytes(out / name, path.read_bytes())
-            else:
-                continue
-            store.record_written(name)
-        for report in written:
-            for attr, name in (("card", CARD_NAME), ("path", VIEW_NAME)):
-                if isinstance(getattr(report, attr, None), Path):
-                    setattr(report, attr, out / name)
-    return exports, written
+    made = plan_legacy(recipe) if isinstance(recipe, Recipe) else recipe
+    return run_plan(made, view, overwrite, executor)
 
 
 # ---- card and viewer -------------------------------------------------------------------------
@@ -706,15 +635,18 @@ def view(source: Path, out: Path | None = None) -> Any:
     return report
 
 
-def reports(run_dir: Path) -> list[Any]:
-    """The card, plots and viewer of a run's final dataset (`pairs/`), written beside it in
-    `run_dir` so the shard directory itself holds only Parquet."""
+def reports(
+    run_dir: Path, dataset: Path | None = None, plots: bool = True, view: bool = True
+) -> list[Any]:
+    """The card, plots and viewer of a run's result (default: its final dataset), written in
+    `run_dir` beside it so the shard directory itself holds only Parquet."""
     from magpie.card import CARD_NAME, VIEW_NAME, write_card
+    from magpie.inputs import resolve_dataset
     from magpie.view import write_view
 
-    dataset = run_dir / "pairs"
-    written = [write_card(dataset, run_dir / CARD_NAME)]
-    if any(dataset.glob("part-*.parquet")):
+    dataset = dataset if dataset is not None else resolve_dataset(run_dir)[0]
+    written = [write_card(dataset, run_dir / CARD_NAME, plots=plots)]
+    if view and any(dataset.glob("part-*.parquet")):
         table, _ = load_input(dataset)
         written.append(write_view(table, run_dir / VIEW_NAME, title=run_dir.resolve().name))
     _record_ours(run_dir / CARD_NAME, run_dir / VIEW_NAME)

@@ -24,7 +24,6 @@ from magpie.errors import MagpieError
 from magpie.fs import AnyPath, RemotePath, as_path, file_names, read_metadata, read_table
 from magpie.store import (
     META_DIR,
-    RUN_STAGE_DIRS,
     SHARD_META_KEY,
     SHARD_RE,
     Problem,
@@ -254,10 +253,10 @@ def _datasets(path: AnyPath) -> list[AnyPath]:
     if kind == "dataset":
         return [path]
     if kind == "run":
-        found = [path / d for d in RUN_STAGE_DIRS if (path / d / META_DIR).is_dir()]
-        export = path / "export"
-        if export.is_dir():
-            found += sorted(p for p in export.iterdir() if (p / META_DIR).is_dir())
+        steps = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        found = [p for p in steps if (p / META_DIR).is_dir()]  # every step's dataset
+        for folder in (p for p in steps if not (p / META_DIR).is_dir()):  # export folders
+            found += sorted(p for p in folder.iterdir() if (p / META_DIR).is_dir())
         return found
     raise MagpieError(
         f"{path} is not a magpie dataset (no {META_DIR}/ inside): pass a directory magpie wrote"
