@@ -599,6 +599,15 @@ def export(
             "OpenAI preference rows (input, preferred_output, non_preferred_output) for DPO data."
         ),
     ] = False,
+    extra_columns: Annotated[
+        bool,
+        typer.Option(help="magpie: keep our columns beyond the published layout, after it."),
+    ] = False,
+    test_size: Annotated[
+        float | None,
+        typer.Option(help="Move this share of the rows (e.g. 0.02) to a `test` split."),
+    ] = None,
+    split_seed: Annotated[int, typer.Option(help="Seed of the --test-size draw.")] = 0,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -607,7 +616,16 @@ def export(
     Prints what the format keeps and counts anything it leaves out.
     """
     out = out or default_out(source, fmt)
-    report = pipeline.export(resolve_in(source), out, fmt, overwrite, all_responses=all_responses)
+    report = pipeline.export(
+        resolve_in(source),
+        out,
+        fmt,
+        overwrite,
+        all_responses=all_responses,
+        test_size=test_size,
+        split_seed=split_seed,
+        extra_columns=extra_columns,
+    )
     out_console.print(Text(report.summary()))
     if not quiet:
         for line in report.notes():
