@@ -313,6 +313,27 @@ def instructions(
     ] = None,
     seed: SeedOpt = 0,
     shard_size: Annotated[int, typer.Option(help="Attempts per committed shard.")] = 64,
+    stop_at_newline: Annotated[
+        bool, typer.Option(help="End each user turn at its first newline (single-line queries).")
+    ] = False,
+    sanitize: Annotated[
+        bool,
+        typer.Option(
+            help="Strip labels and trailing answers as the original scripts do; the raw text "
+            "stays in raw_instruction."
+        ),
+    ] = False,
+    ban_first_token: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A token the user turn may not start with (repeatable); 'markdown-headers' "
+            "bans #, ##, ### and ####."
+        ),
+    ] = None,
+    first_token_boost: Annotated[
+        float,
+        typer.Option(help="Divide the first token's logits by this (the original's 1.2)."),
+    ] = 1.0,
     n_threads: NThreadsOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
@@ -348,12 +369,21 @@ def instructions(
             "max_attempts": max_attempts,
             "seed": seed,
             "shard_size": shard_size,
+            "stop_at_newline": stop_at_newline,
+            "sanitize": sanitize,
+            "first_token_ban": ban_first_token or [],
+            "first_token_boost": first_token_boost,
         }
     )
     view = ProgressView(err_console, enabled=not quiet)
     with view.shown(), _executor(executor, address, actors) as runner:
         summary, fmt = pipeline.instructions(config, out, view, overwrite, executor=runner)
     print_summary(summary, fmt)
+    if config.sanitize:
+        from magpie.sanitize import count_sanitized
+
+        changed, rows = count_sanitized(out)
+        out_console.print(f"sanitized: {changed} of {rows} instructions changed (raw_instruction)")
     if not summary.complete:
         warn(
             f"only {summary.rows} of {config.num} rows after {summary.attempts} attempts "
