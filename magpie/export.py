@@ -537,8 +537,8 @@ def to_format(
 def pick_test_rows(total: int, test_size: float | None, seed: int) -> frozenset[int]:
     """Row numbers (over the whole source, in shard order) that go to the ``test`` split.
 
-    ``ceil(total * test_size)`` rows drawn without replacement by a generator seeded with
-    ``seed``: the same source, size and seed always give the same split.
+    ``ceil(total * test_size)`` rows (at most all but one) drawn without replacement by a
+    generator seeded with ``seed``: the same source, size and seed always give the same split.
     """
     if test_size is None:
         return frozenset()
@@ -546,11 +546,7 @@ def pick_test_rows(total: int, test_size: float | None, seed: int) -> frozenset[
         raise ExportError(
             f"--test-size {test_size} is not a fraction between 0 and 1: use e.g. 0.02 (2%)"
         )
-    count = math.ceil(total * test_size)
-    if total and count >= total:
-        raise ExportError(
-            f"a test split of {count} of {total} rows leaves no train rows: lower --test-size"
-        )
+    count = min(math.ceil(total * test_size), max(total - 1, 0))  # train keeps a row
     import numpy as np
 
     picked = np.random.default_rng(seed).choice(total, size=count, replace=False)

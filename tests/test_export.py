@@ -459,9 +459,9 @@ def test_test_size_is_checked(tmp_path: Path) -> None:
     for bad in (0.0, 1.0, 2):
         with pytest.raises(ExportError, match="--test-size"):
             export_dataset(src, tmp_path / "out", "trl", test_size=bad)
-    with pytest.raises(ExportError, match="no train rows"):
-        export_dataset(src, tmp_path / "out", "trl", test_size=0.9)
     assert not (tmp_path / "out").exists()
+    report = export_dataset(src, tmp_path / "out", "trl", test_size=0.9)  # 3 rows: train keeps 1
+    assert dict(report.splits) == {"train": 1, "test": 2}
 
 
 def test_all_empty_source_keeps_one_typed_shard(tmp_path: Path) -> None:

@@ -309,3 +309,68 @@ def test_openai_engine_sends_the_ban_as_logit_bias_on_the_first_token(toy_server
             engine.generate([Request(QUERY, Sampling(first_token_ban=("What is",)))])
     finally:
         engine.close()
+
+
+# ----------------------------------------------------------------------------- bundled model
+
+
+def _first_piece(engine: Any, sampling: Sampling, seeds: range) -> list[str]:
+    requests = [Request(QUERY, sampling, seed=s) for s in seeds]
+    return [c.text for (c,) in engine.generate(requests)]
+
+
+def test_llamacpp_ban_rules_out_what_greedy_would_pick(engine: Any) -> None:
+    greedy = Sampling(temperature=0.0, max_tokens=1)
+    (top,) = _first_piece(engine, greedy, range(1))
+    assert len(engine.tokenize(top)) == 1, top
+    (second,) = _first_piece(
+        engine, Sampling(temperature=0.0, max_tokens=1, first_token_ban=(top,)), range(1)
+    )
+    assert second != top and second
+    # sampled: the banned tokens never come first, whatever the seed
+    sampled = Sampling(temperature=1.0, max_tokens=1)
+    free = _first_piece(engine, sampled, range(24))
+    common = tuple(dict.fromkeys(t for t in free if len(engine.tokenize(t)) == 1))[:3]
+    banned = Sampling(temperature=1.0, max_tokens=1, first_token_ban=(*MARKDOWN_HEADERS, *common))
+    steered = _first_piece(engine, banned, range(24))
+    assert common and not set(steered) & {*MARKDOWN_HEADERS, *common}
+    with pytest.raises(EngineError, match="not one"):
+        engine.generate([Request(QUERY, Sampling(first_token_ban=("What is the capital",)))])
+
+
+def test_llamacpp_boost_flattens_only_the_first_token(engine: Any) -> None:
+    def top(sampling: Sampling) -> list[dict[str, float]]:
+        (completion,) = engine.generate([Request(QUERY, sampling, seed=0)])[0]
+        return completion.top_logprobs or []
+
+    plain = top(Sampling(temperature=0.0, max_tokens=2, logprobs=5))
+    boosted = top(Sampling(temperature=0.0, max_tokens=2, logprobs=5, first_token_boost=2.0))
+    best = max(plain[0], key=plain[0].get)
+    assert max(boosted[0], key=boosted[0].get) == best  # same ranking, flatter distribution
+    assert boosted[0][best] < plain[0][best]
+    assert boosted[1] == pytest.approx(plain[1])  # the second token is sampled as usual
+
+
+def test_stop_at_newline_on_the_bundled_model(engine: Any, tmp_path: Path) -> None:
+    listing = QUERY + "Name three fruits, one per line:\n- apple\n-"
+    free = Sampling(temperature=0.0, max_tokens=24)
+    (whole,) = engine.generate([Request(listing, free)])[0]
+    assert "\n" in whole.text.strip()  # the model does go on to the next line
+    (line,) = engine.generate(
+        [Request(listing, Sampling(temperature=0.0, max_tokens=24, stop=("\n",)))]
+    )[0]
+    assert "\n" not in line.text and whole.text.startswith(line.text)
+    config = InstructionsConfig.model_validate(
+        {
+            "num": 4,
+            "max_tokens": 48,
+            "shard_size": 8,
+            "stop_at_newline": True,
+            "first_token_ban": ["markdown-headers"],
+        }
+    )
+    summary, _ = pipeline.instructions(config, tmp_path / "ins", view(), engine=engine)
+    rows = ShardStore(tmp_path / "ins").read_all().to_pylist()
+    assert rows and summary.rows == len(rows)
+    for row in rows:
+        assert "\n" not in row["instruction"] and not row["instruction"].startswith("#")
