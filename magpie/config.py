@@ -132,11 +132,15 @@ class InstructionsConfig(_Strict):
     )
     """Fields added later: left out of the config hash at their defaults (older runs resume)."""
 
-    @field_validator("first_token_ban")
+    @field_validator("first_token_ban", mode="before")
     @classmethod
-    def _expand_presets(cls, value: list[str]) -> list[str]:
+    def _expand_presets(cls, value: Any) -> Any:
         from magpie.sanitize import BAN_PRESETS
 
+        if isinstance(value, str):  # `first_token_ban: markdown-headers` in a recipe
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            return value  # the type check reports it
         expanded = [t for item in value for t in BAN_PRESETS.get(item, (item,))]
         if any(t == "" for t in expanded):
             raise ValueError("an empty first-token ban; list token texts such as '#'")
@@ -290,7 +294,8 @@ def config_hash(config: BaseModel) -> str:
     """Stable hash of a resolved configuration: equal hashes mean the same rows.
 
     A config's `BUDGET_FIELDS` (attempt and token budgets) are left out: raising them continues
-    a dataset instead of starting another.
+    a dataset instead of starting another. Its `HASH_OPTIONAL` fields are left out while at
+    their defaults, so a field added later does not change the hash of earlier datasets.
     """
     budgets = set(getattr(config, "BUDGET_FIELDS", ()))
     fields = type(config).model_fields

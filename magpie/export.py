@@ -469,10 +469,8 @@ def _to_magpie(table: pa.Table, opts: _Options) -> pa.Table:
         if "rewards" in table.column_names and not _score_columns(table):
             derived["rewards_armorm"] = _scores_from_rewards(table.column("rewards"))
     columns: dict[str, Any] = {}
-    for name, dtype in layout.items():
-        if name in table.column_names and table.column(name).null_count < table.num_rows:
-            columns[name] = _conform(name, table.column(name), dtype)
-        elif name in derived:
+    for name, dtype in layout.items():  # derived values already take the row's own first
+        if name in derived:
             columns[name] = _conform(name, derived[name], dtype)
         elif name in table.column_names:
             columns[name] = _conform(name, table.column(name), dtype)

@@ -374,3 +374,25 @@ def test_stop_at_newline_on_the_bundled_model(engine: Any, tmp_path: Path) -> No
     assert rows and summary.rows == len(rows)
     for row in rows:
         assert "\n" not in row["instruction"] and not row["instruction"].startswith("#")
+
+
+def test_llama_cpp_python_server_takes_the_ban(tmp_path: Path) -> None:
+    """The real llama-cpp-python server with the bundled model: its greedy first token, banned
+    through `logit_bias`, is replaced by another; the rest of the text continues from it."""
+    from test_openai_engine import DETERMINISTIC, LlamaServer
+
+    from magpie.engines.openai_server import OpenAIServerEngine
+
+    server = LlamaServer(tmp_path / "server.log", *DETERMINISTIC)
+    server.start()
+    engine = OpenAIServerEngine(None, base_url=server.url, concurrency=2)
+    try:
+        greedy = Sampling(temperature=0.0, max_tokens=1)
+        (top,) = engine.generate([Request(QUERY, greedy)])[0]
+        ban = Sampling(temperature=0.0, max_tokens=12, first_token_ban=(top.text,))
+        (other,) = engine.generate([Request(QUERY, ban)])[0]
+        assert other.text and not other.text.startswith(top.text)
+        assert 1 < other.completion_tokens <= 12
+    finally:
+        engine.close()
+        server.kill()
