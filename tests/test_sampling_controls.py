@@ -21,6 +21,7 @@ from magpie import pipeline
 from magpie.config import InstructionsConfig, config_hash
 from magpie.engines.base import BANNED, Completion, EngineError, Request, Sampling, join_first
 from magpie.engines.fake import FakeEngine
+from magpie.errors import MagpieError
 from magpie.executors.base import ProgressView
 from magpie.sanitize import MARKDOWN_HEADERS, count_sanitized, sanitize_instruction
 from magpie.store import ShardStore
@@ -164,6 +165,11 @@ def test_stage_bans_stops_and_sanitizes_on_the_fake_engine(tmp_path: Path) -> No
         assert row["raw_instruction"].startswith("## ") and "\n" not in row["instruction"]
         assert row["instruction"] == sanitize_instruction(row["raw_instruction"])
     assert count_sanitized(tmp_path / "clean") == (8, 8)
+    with pytest.raises(MagpieError, match="'two words' is 2 tokens"):
+        pipeline.instructions(fake_config(first_token_ban=["two words"]), tmp_path / "x", view())
+    assert not any((tmp_path / "x").iterdir())  # refused before the output was opened
+    fixed, _ = pipeline.instructions(fake_config(first_token_ban=["##"]), tmp_path / "x", view())
+    assert fixed.rows == 8  # so the same folder takes the corrected run
     schema = pq.read_schema(next((tmp_path / "clean").glob("part-*.parquet")))
     assert schema.field("instruction_length").type == schema.field("attempt").type  # int64
 

@@ -44,6 +44,10 @@ class Sampling:
     def first_step(self) -> Sampling:
         """The first token alone, as engines that cannot treat step 0 apart sample it: one
         token at temperature x boost (the ban travels with it for the engine to apply)."""
+        if self.json_schema is not None:
+            raise EngineError(
+                "first-token controls cannot be combined with a JSON schema: drop one of them"
+            )
         return replace(
             self,
             max_tokens=1,

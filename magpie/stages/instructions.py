@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from magpie.config import InstructionsConfig
 from magpie.engines.base import Completion, Engine, ProgressCallback, Request, Sampling
+from magpie.errors import MagpieError
 from magpie.sanitize import sanitize_instruction
 from magpie.schema import REJECTED_SCHEMA, instructions_schema, row_uuid
 from magpie.stages.base import Progress, TransformOutput
@@ -90,6 +91,13 @@ class InstructionStage:
                 + [s for s in chat_format.stops if s]
             )
         )
+        for text in config.first_token_ban:  # checked before any output is opened
+            count = engine.count_tokens(text)
+            if count != 1:
+                raise MagpieError(
+                    f"first_token_ban {text!r} is {count} tokens for {model_id}, not one: "
+                    "list single tokens of this model (--ban-first-token)"
+                )
         self._query_sampling = Sampling(
             temperature=config.temperature,
             top_p=config.top_p,
