@@ -106,6 +106,24 @@ def test_config_presets_and_hash() -> None:
         InstructionsConfig(first_token_ban=[""])
 
 
+def test_recipe_sections_take_the_controls() -> None:
+    import yaml
+
+    from magpie.config import Recipe
+
+    recipe = Recipe.model_validate(
+        yaml.safe_load(
+            "instructions:\n  stop_at_newline: false\n  sanitize: true\n"
+            "  first_token_ban: markdown-headers\n  first_token_boost: 1.2\n"
+        )
+    )
+    config = recipe.instructions_config()
+    assert config.sanitize and config.first_token_ban == list(MARKDOWN_HEADERS)
+    assert config.first_token_boost == 1.2 and not config.stop_at_newline
+    with pytest.raises(MagpieError, match="first_token_boost"):
+        Recipe.model_validate({"instructions": {"first_token_boost": 0}}).instructions_config()
+
+
 def test_sampling_steps_and_join() -> None:
     sampling = Sampling(
         temperature=0.9, max_tokens=10, first_token_ban=("#",), first_token_boost=1.2
