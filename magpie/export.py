@@ -614,6 +614,7 @@ def _write_manifest(report: ExportReport) -> None:
         "extra_columns": report.extra_columns,
         "left_out": dict(report.left_out),
         "files": [p.name for p in report.files],
+        "written_files": [p.name for p in report.files],  # what --overwrite may remove
         "package_version": __version__,
     }
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")

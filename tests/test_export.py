@@ -453,6 +453,17 @@ def test_test_split_loads_as_two_splits(tmp_path: Path, fmt: str) -> None:
             assert _fields(pq.read_schema(path)) == PUBLISHED_DPO
 
 
+@pytest.mark.parametrize("fmt", ["magpie", "jsonl"])
+def test_overwrite_removes_an_earlier_test_split(tmp_path: Path, fmt: str) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write_shards(src, _many_pairs(10), [30])
+    export_dataset(src, out, fmt, test_size=0.1)
+    assert any(p.name.startswith("test") for p in out.iterdir())
+    report = export_dataset(src, out, fmt, overwrite=True)  # no split this time
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([".magpie", *(p.name for p in report.files)])
+
+
 def test_test_size_is_checked(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _write_shards(src, _pairs(), [3])
