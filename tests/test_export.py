@@ -642,3 +642,33 @@ def test_cli_export_flags(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--test-size 5.0 is not a fraction" in " ".join(
         bad.output.split()
     )
+
+
+def test_sft_export_of_our_own_stages(tmp_path: Path) -> None:
+    """instructions -> responses --n 1 (fake engine) -> --format magpie: the published SFT
+    layout, field for field, with both splits readable by `datasets`."""
+    import io
+
+    import datasets
+    from rich.console import Console
+
+    from magpie import pipeline
+    from magpie.config import InstructionsConfig, ResponsesConfig
+    from magpie.executors.base import ProgressView
+
+    view = ProgressView(Console(file=io.StringIO()), enabled=False)
+    fake = {"name": "fake"}
+    ins = InstructionsConfig.model_validate({"engine": fake, "num": 20, "max_tokens": 20})
+    pipeline.instructions(ins, tmp_path / "ins", view)
+    res = ResponsesConfig.model_validate({"engine": fake, "n": 1, "max_tokens": 20})
+    pipeline.responses(res, tmp_path / "ins", tmp_path / "res", view)
+    report = pipeline.export(tmp_path / "res", tmp_path / "sft", "magpie", test_size=0.1)
+    assert dict(report.splits) == {"train": 18, "test": 2}
+    for path in report.files:
+        assert _fields(pq.read_schema(path)) == PUBLISHED_SFT
+    ds = datasets.load_dataset(str(tmp_path / "sft"), cache_dir=str(tmp_path / "cache"))
+    row = ds["test"][0]
+    assert row["model"] == "fake/default" and row["response"]
+    assert row["conversations"][1] == {"from": "gpt", "value": row["response"]}
+    assert row["response_length"] == len(row["response"])
+    assert row["gen_input_configs"]["input_generator"] == "fake/default"
