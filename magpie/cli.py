@@ -314,6 +314,27 @@ def instructions(
     ] = None,
     seed: SeedOpt = 0,
     shard_size: Annotated[int, typer.Option(help="Attempts per committed shard.")] = 64,
+    stop_at_newline: Annotated[
+        bool, typer.Option(help="End each user turn at its first newline (single-line queries).")
+    ] = False,
+    sanitize: Annotated[
+        bool,
+        typer.Option(
+            help="Strip labels and trailing answers as the original scripts do; the raw text "
+            "stays in raw_instruction."
+        ),
+    ] = False,
+    ban_first_token: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A token the user turn may not start with (repeatable); 'markdown-headers' "
+            "bans #, ##, ### and ####."
+        ),
+    ] = None,
+    first_token_boost: Annotated[
+        float,
+        typer.Option(help="Divide the first token's logits by this (the original's 1.2)."),
+    ] = 1.0,
     n_threads: NThreadsOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
@@ -349,12 +370,21 @@ def instructions(
             "max_attempts": max_attempts,
             "seed": seed,
             "shard_size": shard_size,
+            "stop_at_newline": stop_at_newline,
+            "sanitize": sanitize,
+            "first_token_ban": ban_first_token or [],
+            "first_token_boost": first_token_boost,
         }
     )
     view = ProgressView(err_console, enabled=not quiet)
     with view.shown(), _executor(executor, address, actors) as runner:
         summary, fmt = pipeline.instructions(config, out, view, overwrite, executor=runner)
     print_summary(summary, fmt)
+    if config.sanitize:
+        from magpie.sanitize import count_sanitized
+
+        changed, rows = count_sanitized(out)
+        out_console.print(f"sanitized: {changed} of {rows} instructions changed (raw_instruction)")
     if not summary.complete:
         warn(
             f"only {summary.rows} of {config.num} rows after {summary.attempts} attempts "
@@ -602,6 +632,15 @@ def export(
             "OpenAI preference rows (input, preferred_output, non_preferred_output) for DPO data."
         ),
     ] = False,
+    extra_columns: Annotated[
+        bool,
+        typer.Option(help="magpie: keep our columns beyond the published layout, after it."),
+    ] = False,
+    test_size: Annotated[
+        float | None,
+        typer.Option(help="Move this share of the rows (e.g. 0.02) to a `test` split."),
+    ] = None,
+    split_seed: Annotated[int, typer.Option(help="Seed of the --test-size draw.")] = 0,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -610,7 +649,16 @@ def export(
     Prints what the format keeps and counts anything it leaves out.
     """
     out = out or default_out(source, fmt)
-    report = pipeline.export(resolve_in(source), out, fmt, overwrite, all_responses=all_responses)
+    report = pipeline.export(
+        resolve_in(source),
+        out,
+        fmt,
+        overwrite,
+        all_responses=all_responses,
+        test_size=test_size,
+        split_seed=split_seed,
+        extra_columns=extra_columns,
+    )
     out_console.print(Text(report.summary()))
     if not quiet:
         for line in report.notes():

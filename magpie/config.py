@@ -112,6 +112,39 @@ class InstructionsConfig(_Strict):
     max_attempts: int | None = Field(None, gt=0, description="default: 4 x num + 16")
     seed: int = Field(0, ge=0)
     shard_size: int = Field(64, gt=0, description="attempts per committed shard")
+    stop_at_newline: bool = Field(False, description="end a user turn at its first newline")
+    sanitize: bool = Field(
+        False, description="strip labels and trailing answers (raw text kept in raw_instruction)"
+    )
+    first_token_ban: list[str] = Field(
+        default_factory=list,
+        description="token texts a user turn may not start with; 'markdown-headers' = # to ####",
+    )
+    first_token_boost: float = Field(
+        1.0, gt=0.0, le=5.0, description="first-token logits divided by this (1.2 in the original)"
+    )
+
+    HASH_OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "stop_at_newline",
+        "sanitize",
+        "first_token_ban",
+        "first_token_boost",
+    )
+    """Fields added later: left out of the config hash at their defaults (older runs resume)."""
+
+    @field_validator("first_token_ban", mode="before")
+    @classmethod
+    def _expand_presets(cls, value: Any) -> Any:
+        from magpie.sanitize import BAN_PRESETS
+
+        if isinstance(value, str):  # `first_token_ban: markdown-headers` in a recipe
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            return value  # the type check reports it
+        expanded = [t for item in value for t in BAN_PRESETS.get(item, (item,))]
+        if any(t == "" for t in expanded):
+            raise ValueError("an empty first-token ban; list token texts such as '#'")
+        return list(dict.fromkeys(expanded))
 
     def attempt_budget(self) -> int:
         return self.max_attempts if self.max_attempts is not None else 4 * self.num + 16
@@ -261,10 +294,17 @@ def config_hash(config: BaseModel) -> str:
     """Stable hash of a resolved configuration: equal hashes mean the same rows.
 
     A config's `BUDGET_FIELDS` (attempt and token budgets) are left out: raising them continues
-    a dataset instead of starting another.
+    a dataset instead of starting another. Its `HASH_OPTIONAL` fields are left out while at
+    their defaults, so a field added later does not change the hash of earlier datasets.
     """
-    budgets = getattr(config, "BUDGET_FIELDS", ())
-    text = json.dumps(config.model_dump(mode="json", exclude=set(budgets)), sort_keys=True)
+    budgets = set(getattr(config, "BUDGET_FIELDS", ()))
+    fields = type(config).model_fields
+    budgets |= {  # fields added later, at their defaults: the hash older datasets were made with
+        name
+        for name in getattr(config, "HASH_OPTIONAL", ())
+        if getattr(config, name) == fields[name].get_default(call_default_factory=True)
+    }
+    text = json.dumps(config.model_dump(mode="json", exclude=budgets), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

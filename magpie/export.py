@@ -3,9 +3,11 @@
 :func:`to_format` is pure (a table in, a table out); :func:`export_dataset` converts a directory
 of Parquet shards into ``out_dir`` with atomic writes (temp name, fsync, ``os.replace``).
 
-- ``magpie``: the published Magpie DPO schema, column for column (missing ones as typed nulls);
-  scores go to ``rewards_<scorer>`` (``rewards_armorm`` for ArmoRM, ``rewards_judge`` for the
-  LLM judge, any other reward model under its own short name after the schema's columns).
+- ``magpie``: the published Magpie layouts (``magpie.published``), names and Arrow types exact,
+  missing columns as typed nulls: the Llama-3.1 Pro SFT layout for rows with one reply (or
+  none), the DPO layout for pairs and multi-response rows. Only ArmoRM's scores fill
+  ``rewards_armorm``; our other columns (``rewards_judge``, ``reward_margin``, ...) follow the
+  published ones only with ``extra_columns``, and are named as left out otherwise.
 - ``trl``: ``prompt`` / ``chosen`` / ``rejected`` in TRL's conversational preference format.
 - ``sharegpt``: ``conversations`` of ``{from, value}`` (plus ``chosen``/``rejected`` for DPO).
 - ``openai``: ``messages`` of ``{role, content}`` (OpenAI chat fine-tuning; DPO: the chosen
@@ -13,6 +15,8 @@ of Parquet shards into ``out_dir`` with atomic writes (temp name, fsync, ``os.re
 - ``openai-preference``: OpenAI preference fine-tuning rows ``input: {messages}``,
   ``preferred_output`` and ``non_preferred_output`` (DPO data only; nothing of the pair is lost).
 - ``jsonl``: the input rows unchanged, written as JSON lines to ``data.jsonl``.
+
+``test_size`` moves a seeded share of the source rows to a ``test`` split beside ``train``.
 
 Multi-response SFT rows (``responses`` with several entries) give one conversation with the
 first response in ``sharegpt``/``openai``; ``all_responses=True`` writes one row per response.
@@ -24,9 +28,11 @@ A non-null ``system_prompt`` column value becomes a leading system message in ev
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,17 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from magpie import __version__
 from magpie.errors import MagpieError
-from magpie.schema import CHAT_MESSAGE, MAGPIE_DPO_COLUMNS, REWARD_SCORE, SHAREGPT_MESSAGE
+from magpie.published import MAGPIE_DPO_LAYOUT, MAGPIE_SFT_LAYOUT
+from magpie.schema import CHAT_MESSAGE, REWARD_SCORE, SHAREGPT_MESSAGE
 from magpie.stages.base import dialogue
 from magpie.store import fsync_dir, prepare_output_dir
 
 FORMATS = ("magpie", "trl", "sharegpt", "openai", "openai-preference", "jsonl")
 KEEPS = {
-    "magpie": "the published Magpie DPO columns",
+    "magpie": "the published Magpie columns (SFT or DPO layout)",
     "trl": "prompt, chosen and rejected conversations",
     "sharegpt": "the conversation (DPO: the prompt turns plus chosen and rejected)",
     "openai": "one chat conversation per row (DPO: the chosen one)",
@@ -76,7 +84,9 @@ class _Options:
     """Per-export choices and the tally of what was left out."""
 
     all_responses: bool = False
+    extra_columns: bool = False
     left_out: Counter[str] = field(default_factory=Counter)
+    dropped: dict[str, None] = field(default_factory=dict)
 
 
 class ExportError(MagpieError):
@@ -96,12 +106,18 @@ class ExportReport:
     files: list[Path] = field(default_factory=list)
     left_out: Counter[str] = field(default_factory=Counter)
     dropped_columns: list[str] = field(default_factory=list)
+    splits: Counter[str] = field(default_factory=Counter)
+    test_size: float | None = None
+    split_seed: int | None = None
+    extra_columns: bool = False
 
     def summary(self) -> str:
         """One line for the CLI."""
         rows = f"{self.rows} rows" + (
             f" (from {self.input_rows} input rows)" if self.input_rows != self.rows else ""
         )
+        if self.test_size is not None:
+            rows += f" (train {self.splits['train']}, test {self.splits['test']})"
         return (
             f"exported {rows} from {self.source_files} shard(s) as {self.fmt} "
             f"to {self.out_dir} ({len(self.files)} file(s))"
@@ -119,7 +135,10 @@ class ExportReport:
                 if len(self.dropped_columns) > 8
                 else ""
             )
-            lines.append(f"left out: columns {names}{more} (--format jsonl keeps every column)")
+            lines.append(
+                f"left out: columns {names}{more} (--extra-columns keeps them after the "
+                "published ones; --format jsonl keeps every column)"
+            )
         return lines
 
 
@@ -330,16 +349,36 @@ def _scores_from_rewards(rewards: pa.ChunkedArray) -> pa.Array:
     return pa.array(values, type=pa.list_(REWARD_SCORE))
 
 
-def _cast_or_keep(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
-    """Cast all-null and flat columns to the schema type; keep nested ones (no field is lost)."""
+def _project(value: Any, target: pa.DataType) -> Any:
+    """A Python value reshaped to ``target``: struct fields by name (missing ones null)."""
+    if value is None:
+        return None
+    if pa.types.is_struct(target):
+        return {f.name: _project(value.get(f.name), f.type) for f in target}
+    if pa.types.is_list(target) or pa.types.is_large_list(target):
+        return [_project(v, target.value_type) for v in value]
+    return value
+
+
+def _conform(name: str, column: pa.ChunkedArray | pa.Array, target: pa.DataType) -> pa.Array:
+    """``column`` as exactly ``target``: cast, or rebuilt field by field for nested types."""
     if column.type == target:
         return column
-    if pa.types.is_nested(column.type) and not pa.types.is_null(column.type):
-        return column
+    if pa.types.is_null(column.type):
+        return pa.nulls(len(column), type=target)
     try:
         return column.cast(target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        return column
+        pass
+    try:
+        if not pa.types.is_nested(target):
+            raise TypeError
+        return pa.array([_project(v, target) for v in column.to_pylist()], type=target)
+    except (TypeError, AttributeError, pa.ArrowInvalid, pa.ArrowTypeError):
+        raise ExportError(
+            f"column '{name}' is {column.type} where the published Magpie layout has {target}: "
+            "fix the column, or export with --format jsonl"
+        ) from None
 
 
 def _score_columns(table: pa.Table) -> list[str]:
@@ -347,24 +386,107 @@ def _score_columns(table: pa.Table) -> list[str]:
     return [n for n in table.column_names if n.startswith("rewards_")]
 
 
-def _to_magpie(table: pa.Table, opts: _Options) -> pa.Table:
-    """The published schema; each scorer's scores stay under its own ``rewards_<name>`` column.
+def _is_sft(table: pa.Table) -> bool:
+    """Rows with one reply (``response``/``conversations``) or none yet, and no pairs."""
+    names = table.column_names
+    if _is_dpo(table):
+        return False
+    if "response" in names or "conversations" in names or "responses" not in names:
+        return True
+    return all(len(r or []) <= 1 for r in table.column("responses").to_pylist())
 
-    Only ArmoRM's scores fill ``rewards_armorm``; a plain ``rewards`` list with no named column
-    beside it (older data) is taken as ArmoRM's, as the published data has it.
+
+def _sft_fill(table: pa.Table) -> dict[str, pa.Array]:
+    """SFT columns derived when absent: model, response, conversations and the lengths."""
+    rows = table.select(
+        [
+            c
+            for c in (
+                "instruction",
+                "response",
+                "responses",
+                "conversations",
+                "gen_input_configs",
+                "gen_response_configs",
+                "model",
+            )
+            if c in table.column_names
+        ]
+    ).to_pylist()
+    response = [r.get("response") or _first_text(r.get("responses")) for r in rows]
+    conversations = [
+        r.get("conversations")
+        or (
+            [{"from": "human", "value": r["instruction"]}, {"from": "gpt", "value": text}]
+            if r.get("instruction") and text
+            else None
+        )
+        for r, text in zip(rows, response, strict=True)
+    ]
+    model = [
+        r.get("model")
+        or (r.get("gen_response_configs") or {}).get("output_generator")
+        or (r.get("gen_input_configs") or {}).get("input_generator")
+        for r in rows
+    ]
+    filled = {
+        "model": pa.array(model, pa.string()),
+        "response": pa.array(response, pa.string()),
+        "conversations": pa.array(conversations, MAGPIE_SFT_LAYOUT["conversations"]),
+        "response_length": pa.array([len(t) if t else None for t in response], pa.int64()),
+    }
+    if "instruction" in table.column_names:
+        texts = table.column("instruction").to_pylist()
+        filled["instruction_length"] = pa.array(
+            [None if t is None else len(t) for t in texts], pa.int64()
+        )
+    return filled
+
+
+_FOLLOW_UP = re.compile(r"^(instruction|response)_\d+$")
+
+
+def _to_magpie(table: pa.Table, opts: _Options) -> pa.Table:
+    """The published SFT or DPO layout (see ``magpie.published``), extra columns on request.
+
+    SFT layout for rows with one reply or none (``response``/``conversations``), DPO layout for
+    pairs and multi-response rows. Only ArmoRM's scores fill ``rewards_armorm``; a plain
+    ``rewards`` list with no named column beside it (older data) is taken as ArmoRM's, as the
+    published data has it. Flat follow-up columns of extended conversations (``instruction_2``,
+    ``response_2``, ...) stay after ``conversations``, as in the published multi-turn sets.
     """
-    columns: dict[str, pa.ChunkedArray | pa.Array] = {}
-    named = _score_columns(table)
-    for name, dtype in MAGPIE_DPO_COLUMNS.items():
-        if name in table.column_names:
-            columns[name] = _cast_or_keep(table.column(name), dtype)
-        elif name == "rewards_armorm" and "rewards" in table.column_names and not named:
-            columns[name] = _scores_from_rewards(table.column("rewards"))
+    sft = _is_sft(table)
+    layout = MAGPIE_SFT_LAYOUT if sft else MAGPIE_DPO_LAYOUT
+    derived: dict[str, pa.Array] = {}
+    if sft:
+        derived = _sft_fill(table)
+    else:
+        if "instruction" in table.column_names:
+            texts = table.column("instruction").to_pylist()
+            derived["input_length"] = pa.array(
+                [None if t is None else len(t) for t in texts], pa.int64()
+            )
+        if "rewards" in table.column_names and not _score_columns(table):
+            derived["rewards_armorm"] = _scores_from_rewards(table.column("rewards"))
+    columns: dict[str, Any] = {}
+    for name, dtype in layout.items():  # derived values already take the row's own first
+        if name in derived:
+            columns[name] = _conform(name, derived[name], dtype)
+        elif name in table.column_names:
+            columns[name] = _conform(name, table.column(name), dtype)
         else:
             columns[name] = pa.nulls(table.num_rows, type=dtype)
-    for name in named:
-        if name not in columns:
+        if sft and name == "conversations":
+            for extra in table.column_names:
+                if _FOLLOW_UP.match(extra) and extra not in ("instruction_1", "response_1"):
+                    columns[extra] = table.column(extra)
+    extras = [c for c in table.column_names if c not in columns]
+    if opts.extra_columns:
+        for name in extras:
             columns[name] = table.column(name)
+    else:  # `rewards` and `instruction_length` live on as rewards_armorm / input_length
+        quiet = {"rewards", "instruction_length"}
+        opts.dropped.update(dict.fromkeys(c for c in extras if c not in quiet))
     return pa.table(columns)
 
 
@@ -383,22 +505,59 @@ def to_format(
     fmt: str,
     *,
     all_responses: bool = False,
+    extra_columns: bool = False,
     left_out: Counter[str] | None = None,
+    dropped: dict[str, None] | None = None,
 ) -> pa.Table:
     """Convert ``table`` to export format ``fmt`` (one of :data:`FORMATS`).
 
-    ``all_responses``: one row per response for multi-response SFT rows. What the conversion
-    leaves out is added to ``left_out`` (what -> count) when given.
+    ``all_responses``: one row per response for multi-response SFT rows. ``extra_columns``
+    (``magpie`` only): keep our columns beyond the published layout after it. What the
+    conversion leaves out is added to ``left_out`` (what -> count) and the names of columns
+    the ``magpie`` format left out to ``dropped``, when given.
     """
     try:
         convert = _CONVERTERS[fmt]
     except KeyError:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}") from None
-    opts = _Options(all_responses=all_responses)
+    opts = _Options(all_responses=all_responses, extra_columns=extra_columns)
     out = convert(table, opts)
     if left_out is not None:
         left_out.update(opts.left_out)
+    if dropped is not None:
+        dropped.update(opts.dropped)
     return out
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def pick_test_rows(total: int, test_size: float | None, seed: int) -> frozenset[int]:
+    """Row numbers (over the whole source, in shard order) that go to the ``test`` split.
+
+    ``ceil(total * test_size)`` rows (at most all but one) drawn without replacement by a
+    generator seeded with ``seed``: the same source, size and seed always give the same split.
+    """
+    if test_size is None:
+        return frozenset()
+    if not 0.0 < test_size < 1.0:
+        raise ExportError(
+            f"--test-size {test_size} is not a fraction between 0 and 1: use e.g. 0.02 (2%)"
+        )
+    count = min(math.ceil(total * test_size), max(total - 1, 0))  # train keeps a row
+    import numpy as np
+
+    picked = np.random.default_rng(seed).choice(total, size=count, replace=False)
+    return frozenset(int(i) for i in picked)
+
+
+def _split(table: pa.Table, start: int, test: frozenset[int]) -> dict[str, pa.Table]:
+    """``table`` (rows ``start...``) cut into its train and test rows, order kept."""
+    if not test:
+        return {"train": table}
+    flags = [start + i in test for i in range(table.num_rows)]
+    mask = pa.array(flags, pa.bool_())
+    return {"train": table.filter(pc.invert(mask)), "test": table.filter(mask)}
 
 
 # ----------------------------------------------------------------------------- files
@@ -449,8 +608,13 @@ def _write_manifest(report: ExportReport) -> None:
         "source_files": report.source_files,
         "rows": report.rows,
         "input_rows": report.input_rows,
+        "splits": dict(report.splits),
+        "test_size": report.test_size,
+        "split_seed": report.split_seed,
+        "extra_columns": report.extra_columns,
         "left_out": dict(report.left_out),
         "files": [p.name for p in report.files],
+        "written_files": [p.name for p in report.files],  # what --overwrite may remove
         "package_version": __version__,
     }
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
@@ -477,52 +641,69 @@ def _prepare_out_dir(src: Path, out: Path, overwrite: bool) -> None:
     prepare_output_dir(out, overwrite)  # only magpie's own files are ever removed
 
 
-def _export_jsonl(files: list[Path], out: Path, report: ExportReport) -> None:
-    final = out / JSONL_NAME
-    tmp = out / f"{_TMP_PREFIX}{JSONL_NAME}"
-    with open(tmp, "w", encoding="utf-8") as f:
+def _export_jsonl(files: list[Path], out: Path, report: ExportReport, test: frozenset[int]) -> None:
+    """One ``data.jsonl``; with a test split ``train.jsonl`` and ``test.jsonl``."""
+    names = {"train": "train.jsonl", "test": "test.jsonl"} if test else {"train": JSONL_NAME}
+    with contextlib.ExitStack() as stack:
+        handles = {
+            split: stack.enter_context(open(out / f"{_TMP_PREFIX}{name}", "w", encoding="utf-8"))
+            for split, name in names.items()
+        }
+        start = 0
         for path in files:
-            table = to_format(pq.read_table(path), "jsonl")
-            f.writelines(_json_lines(table))
-            report.rows += table.num_rows
-            report.input_rows += table.num_rows
-        f.flush()
-        os.fsync(f.fileno())
-    _commit(tmp, final)
-    report.files.append(final)
+            source = pq.read_table(path)
+            for split, part in _split(source, start, test).items():
+                handles[split].writelines(_json_lines(part))
+                report.rows += part.num_rows
+                report.splits[split] += part.num_rows
+            start += source.num_rows
+            report.input_rows += source.num_rows
+        for handle in handles.values():
+            handle.flush()
+            os.fsync(handle.fileno())
+    for name in names.values():
+        _commit(out / f"{_TMP_PREFIX}{name}", out / name)
+        report.files.append(out / name)
 
 
 def _export_parquet(
-    files: list[Path], out: Path, fmt: str, report: ExportReport, all_responses: bool = False
+    files: list[Path],
+    out: Path,
+    report: ExportReport,
+    test: frozenset[int],
+    options: dict[str, bool],
 ) -> None:
-    """One output shard per non-empty source shard (``datasets`` cannot read empty Parquet).
+    """One output shard per split and non-empty source shard (``datasets`` cannot read empty
+    Parquet).
 
-    Each shard is written and fsynced under a temp name; once the count is known each is renamed
-    to ``train-NNNNN-of-MMMMM.parquet``. Only when every source is empty is one empty shard kept,
-    so the schema survives.
+    Each shard is written and fsynced under a temp name; once the counts are known each is
+    renamed to ``SPLIT-NNNNN-of-MMMMM.parquet`` (the names ``datasets`` reads as splits). Only
+    when every source is empty is one empty train shard kept, so the schema survives.
     """
-    staged: list[Path] = []
+    staged: dict[str, list[Path]] = {"train": [], "test": []}
     dropped: dict[str, None] = {}
+    start = 0
     for i, path in enumerate(files):
         source = pq.read_table(path)
         report.input_rows += source.num_rows
-        table = to_format(source, fmt, all_responses=all_responses, left_out=report.left_out)
-        if fmt == "magpie":
-            dropped.update(
-                dict.fromkeys(
-                    c for c in source.column_names if c not in table.schema.names and c != "rewards"
-                )
+        for split, part in _split(source, start, test).items():
+            table = to_format(
+                part, report.fmt, left_out=report.left_out, dropped=dropped, **options
             )
-        if table.num_rows == 0 and (staged or i < len(files) - 1):
-            continue
-        tmp = out / f"{_TMP_PREFIX}{len(staged):05d}.parquet"
-        _write_fsynced(table, tmp)
-        staged.append(tmp)
-        report.rows += table.num_rows
-    for i, tmp in enumerate(staged):
-        target = out / f"train-{i:05d}-of-{len(staged):05d}.parquet"
-        os.replace(tmp, target)
-        report.files.append(target)
+            last = i == len(files) - 1 and split == "train"
+            if table.num_rows == 0 and (staged[split] or not last):
+                continue
+            tmp = out / f"{_TMP_PREFIX}{split}-{len(staged[split]):05d}.parquet"
+            _write_fsynced(table, tmp)
+            staged[split].append(tmp)
+            report.rows += table.num_rows
+            report.splits[split] += table.num_rows
+        start += source.num_rows
+    for split, temps in staged.items():
+        for i, tmp in enumerate(temps):
+            target = out / f"{split}-{i:05d}-of-{len(temps):05d}.parquet"
+            os.replace(tmp, target)
+            report.files.append(target)
     fsync_dir(out)
     report.dropped_columns = list(dropped)
 
@@ -533,25 +714,43 @@ def export_dataset(
     fmt: str,
     overwrite: bool = False,
     all_responses: bool = False,
+    *,
+    test_size: float | None = None,
+    split_seed: int = 0,
+    extra_columns: bool = False,
 ) -> ExportReport:
     """Convert every ``*.parquet`` shard of ``src_dir`` (by name) to ``fmt`` in ``out_dir``.
 
     Parquet formats write one ``train-NNNNN-of-MMMMM.parquet`` per non-empty source shard;
-    ``jsonl`` writes one ``data.jsonl``. Every file is committed atomically. A non-empty
-    ``out_dir`` is refused unless ``overwrite``, which first removes its ``*.parquet`` and
-    ``*.jsonl`` files (other files, e.g. a dataset card, stay).
+    ``jsonl`` writes one ``data.jsonl``. ``test_size`` (a fraction, e.g. 0.02) moves that share
+    of the source rows, drawn with ``split_seed``, to a ``test`` split beside ``train``
+    (``test-*.parquet``, or ``train.jsonl`` + ``test.jsonl``): ``datasets.load_dataset(out_dir)``
+    reads both. ``extra_columns`` keeps our columns beyond the published Magpie layout. Every
+    file is committed atomically. A non-empty ``out_dir`` is refused unless ``overwrite``, which
+    first removes the files magpie wrote there (other files, e.g. a dataset card, stay).
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     src, out = Path(src_dir), Path(out_dir)
     files = _source_files(src)
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    test = pick_test_rows(total, test_size, split_seed)
     _prepare_out_dir(src, out, overwrite)
-    report = ExportReport(fmt=fmt, src_dir=src, out_dir=out, source_files=len(files))
+    report = ExportReport(
+        fmt=fmt,
+        src_dir=src,
+        out_dir=out,
+        source_files=len(files),
+        test_size=test_size,
+        split_seed=split_seed if test_size is not None else None,
+        extra_columns=extra_columns,
+    )
     try:
         if fmt == "jsonl":
-            _export_jsonl(files, out, report)
+            _export_jsonl(files, out, report, test)
         else:
-            _export_parquet(files, out, fmt, report, all_responses)
+            options = {"all_responses": all_responses, "extra_columns": extra_columns}
+            _export_parquet(files, out, report, test, options)
     finally:  # a failed export leaves no half-written temp files behind
         for tmp in out.glob(f"{_TMP_PREFIX}*"):
             tmp.unlink(missing_ok=True)

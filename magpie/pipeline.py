@@ -568,15 +568,33 @@ def _neighbor_columns(table: pa.Table, config: TagConfig, view: ProgressView) ->
 
 @locking.releasing
 def export(
-    source: Path, out: Path, fmt: str, overwrite: bool = False, all_responses: bool = False
+    source: Path,
+    out: Path,
+    fmt: str,
+    overwrite: bool = False,
+    all_responses: bool = False,
+    *,
+    test_size: float | None = None,
+    split_seed: int = 0,
+    extra_columns: bool = False,
 ) -> Any:
-    """Write `source` in an export format (see magpie.export.FORMATS)."""
+    """Write `source` in an export format (see magpie.export.FORMATS); `test_size` adds a
+    seeded `test` split, `extra_columns` keeps our columns beyond the published layout."""
     from magpie.export import export_dataset
 
     refuse_overlap(source, out)
     if _complete_manifest(source) is not None:  # refuses incomplete datasets
         refuse_damaged(source)
-    return export_dataset(source, out, fmt, overwrite=overwrite, all_responses=all_responses)
+    return export_dataset(
+        source,
+        out,
+        fmt,
+        overwrite=overwrite,
+        all_responses=all_responses,
+        test_size=test_size,
+        split_seed=split_seed,
+        extra_columns=extra_columns,
+    )
 
 
 @locking.releasing

@@ -29,8 +29,8 @@ INSTRUCTION_FIELDS = [
     pa.field("uuid", pa.string(), nullable=False),
     pa.field("instruction", pa.string(), nullable=False),
     pa.field("gen_input_configs", GEN_INPUT_CONFIGS),
-    pa.field("instruction_length", pa.int32()),
-    pa.field("instruction_tokens", pa.int32()),
+    pa.field("instruction_length", pa.int64()),  # int64 in every stage, as published
+    pa.field("instruction_tokens", pa.int64()),
     pa.field("attempt", pa.int64()),
 ]
 CONVERSATIONS_FIELD = pa.field("conversations", pa.list_(SHAREGPT_MESSAGE))
@@ -87,42 +87,7 @@ TAG_COLUMNS: dict[str, pa.DataType] = {
     "min_similar_uuid": pa.string(),
 }
 
-# The published Magpie DPO schema (Magpie-Llama-3.1-Pro-DPO-100K), in column order: what
-# `magpie export --format magpie` writes.
-_PUBLISHED_TAGS = (
-    "intent",
-    "knowledge",
-    "difficulty",
-    "difficulty_generator",
-    "input_quality",
-    "quality_explanation",
-    "quality_generator",
-    "task_category",
-    "other_task_category",
-    "task_category_generator",
-    "llama_guard_2",
-    "instruct_reward",
-    "reward_model",
-    "language",
-    "min_neighbor_distance",
-    "repeat_count",
-    "min_similar_uuid",
-)
-MAGPIE_DPO_COLUMNS: dict[str, pa.DataType] = {
-    "uuid": pa.string(),
-    "instruction": pa.string(),
-    "gen_input_configs": GEN_INPUT_CONFIGS,
-    **{name: TAG_COLUMNS[name] for name in _PUBLISHED_TAGS},
-    "instruction_length": pa.int64(),
-    "response_length": pa.int64(),
-    "responses": pa.list_(pa.string()),
-    "gen_response_configs": pa.struct(
-        [f for f in GEN_RESPONSE_CONFIGS if f.name not in ("n", "seed")]
-    ),
-    "rewards_armorm": pa.list_(REWARD_SCORE),
-    "chosen": pa.list_(CHAT_MESSAGE),
-    "rejected": pa.list_(CHAT_MESSAGE),
-}
+# The published Magpie layouts that `magpie export --format magpie` writes: magpie/published.py.
 
 REJECTED_FIELDS = [
     pa.field("attempt", pa.int64()),

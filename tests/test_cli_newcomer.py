@@ -148,7 +148,7 @@ def test_short_run_is_usable_and_continues_with_a_larger_budget(
 
 def test_stats_on_a_magpie_export(tmp_path: Path) -> None:
     src = _dataset(tmp_path / "dpo", _pairs(), stage="pairs")
-    export_dataset(src, tmp_path / "export" / "magpie", "magpie")
+    export_dataset(src, tmp_path / "export" / "magpie", "magpie", extra_columns=True)
     stats = dataset_stats(tmp_path / "export" / "magpie")
     assert stats.rows == 1 and stats.repeats is not None and stats.repeats.repeated == 0
     code, output = invoke("stats", str(tmp_path / "export" / "magpie"))
@@ -318,11 +318,12 @@ def test_export_command_reports_what_it_left_out(tmp_path: Path) -> None:
 
 
 def test_magpie_export_names_judge_scores_after_the_judge(tmp_path: Path) -> None:
-    out = to_format(_pairs(), "magpie")
+    out = to_format(_pairs(), "magpie", extra_columns=True)
     assert out.column("rewards_armorm").null_count == 1
     assert out.column("rewards_judge").to_pylist()[0][0] == {"score": 9.0}
     report = export_dataset(_dataset(tmp_path / "p", _pairs(), "pairs"), tmp_path / "m", "magpie")
-    assert report.dropped_columns == ["reward_margin"]  # not a published column: named
+    assert "reward_margin" in report.dropped_columns  # not a published column: named
+    assert "rewards_judge" in report.dropped_columns  # kept only with --extra-columns
     assert any("reward_margin" in line for line in report.notes())
 
 

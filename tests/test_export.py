@@ -19,7 +19,8 @@ from magpie.errors import MagpieError  # noqa: E402
 from magpie.export import (  # noqa: E402
     FORMATS,
     JSONL_NAME,
-    MAGPIE_DPO_COLUMNS,
+    MAGPIE_DPO_LAYOUT,
+    MAGPIE_SFT_LAYOUT,
     MANIFEST_PATH,
     ExportError,
     export_dataset,
@@ -95,24 +96,208 @@ def _load(out: Path, fmt: str, cache: Path):
 # ----------------------------------------------------------------------------- pure conversions
 
 
-def test_magpie_format_schema() -> None:
-    out = to_format(_pairs(), "magpie")
-    assert out.column_names == list(MAGPIE_DPO_COLUMNS)
-    for name in ("intent", "difficulty_generator", "repeat_count", "response_length"):
-        assert out.schema.field(name).type == MAGPIE_DPO_COLUMNS[name]
-        assert out.column(name).null_count == out.num_rows
-    assert out.schema.field("rewards_armorm").type == MAGPIE_DPO_COLUMNS["rewards_armorm"]
+# The published layouts, spelled out from the datasets' `dataset_info` (independent of the code).
+PUBLISHED_DPO = [
+    ("uuid", "string"),
+    ("instruction", "string"),
+    (
+        "gen_input_configs",
+        "struct<input_generator: string, temperature: double, top_p: double>",
+    ),
+    ("intent", "string"),
+    ("knowledge", "string"),
+    ("difficulty", "string"),
+    ("input_quality", "string"),
+    ("quality_explanation", "string"),
+    ("task_category", "string"),
+    ("input_length", "int64"),
+    ("responses", "list<item: string>"),
+    (
+        "gen_response_configs",
+        "struct<engine: string, max_tokens: int64, output_generator: string, prompt: string, "
+        "repetition_penalty: double, stop_tokens: list<item: string>, temperature: double, "
+        "top_p: double>",
+    ),
+    ("rewards_armorm", "list<item: struct<score: double>>"),
+    ("chosen", "list<item: struct<content: string, role: string>>"),
+    ("rejected", "list<item: struct<content: string, role: string>>"),
+]
+PUBLISHED_SFT = [
+    ("uuid", "string"),
+    ("model", "string"),
+    (
+        "gen_input_configs",
+        "struct<temperature: double, top_p: double, input_generator: string, seed: int64, "
+        "pre_query_template: string>",
+    ),
+    ("instruction", "string"),
+    ("response", "string"),
+    ("conversations", "list<item: struct<from: string, value: string>>"),
+    ("task_category", "string"),
+    ("other_task_category", "list<item: string>"),
+    ("task_category_generator", "string"),
+    ("difficulty", "string"),
+    ("intent", "string"),
+    ("knowledge", "string"),
+    ("difficulty_generator", "string"),
+    ("input_quality", "string"),
+    ("quality_explanation", "string"),
+    ("quality_generator", "string"),
+    ("llama_guard_2", "string"),
+    ("reward_model", "string"),
+    ("instruct_reward", "double"),
+    ("min_neighbor_distance", "double"),
+    ("repeat_count", "int64"),
+    ("min_similar_uuid", "string"),
+    ("instruction_length", "int64"),
+    ("response_length", "int64"),
+    ("language", "string"),
+]
+
+
+def _fields(schema: pa.Schema) -> list[tuple[str, str]]:
+    """(name, type) of each field; Parquet names a list's item `element`, Arrow `item`."""
+    return [(f.name, str(f.type).replace("list<element: ", "list<item: ")) for f in schema]
+
+
+def _scored_with_configs() -> pa.Table:
+    """Pairs as our stages leave them: our struct layouts, int32 lengths, extra columns."""
+    pairs = _pairs()
+    configs = [
+        {
+            "prompt": "{instruction}",
+            "temperature": 0.8,
+            "top_p": 1.0,
+            "repetition_penalty": 1.0,
+            "max_tokens": 64,
+            "stop_tokens": ["<|im_end|>"],
+            "output_generator": "m/resp",
+            "engine": "llamacpp",
+            "n": 3,
+            "seed": 7,
+        }
+    ] * pairs.num_rows
+    inputs = [
+        {
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "input_generator": "m/ins",
+            "seed": 3,
+            "pre_query_template": "<q>",
+        }
+    ] * pairs.num_rows
+    pairs = pairs.drop_columns(["gen_input_configs"])
+    pairs = pairs.append_column("gen_input_configs", pa.array(inputs))
+    pairs = pairs.append_column("gen_response_configs", pa.array(configs))
+    lengths = pa.array([len(t) for t in pairs.column("instruction").to_pylist()], pa.int32())
+    return pairs.append_column("instruction_length", lengths)
+
+
+def test_magpie_dpo_layout_field_by_field() -> None:
+    dropped: dict[str, None] = {}
+    out = to_format(_scored_with_configs(), "magpie", dropped=dropped)
+    assert _fields(out.schema) == PUBLISHED_DPO
+    assert dict(MAGPIE_DPO_LAYOUT) == {f.name: f.type for f in out.schema}
     row = out.to_pylist()[0]
     assert row["rewards_armorm"] == [{"score": 0.5}, {"score": 1.0}, {"score": -1.0}]
     assert row["chosen"][1] == {"content": "it is four", "role": "assistant"}
-    assert row["task_category"] == "Math"
+    assert row["task_category"] == "Math" and row["intent"] is None
+    assert row["input_length"] == len("what is two plus two")
+    assert row["gen_input_configs"] == {
+        "input_generator": "m/ins",
+        "temperature": 1.0,
+        "top_p": 1.0,
+    }
+    assert row["gen_response_configs"]["stop_tokens"] == ["<|im_end|>"]
+    assert row["gen_response_configs"]["max_tokens"] == 64
+    assert "reward_margin" in dropped and "gen_input_configs" not in dropped
+    assert "rewards" not in dropped and "instruction_length" not in dropped  # carried over
+
+
+def test_magpie_extra_columns_follow_the_published_ones() -> None:
+    out = to_format(_scored_with_configs(), "magpie", extra_columns=True)
+    names = out.column_names
+    assert names[: len(PUBLISHED_DPO)] == [n for n, _ in PUBLISHED_DPO]
+    extra = names[len(PUBLISHED_DPO) :]
+    assert {"reward_margin", "rewards", "system_prompt", "instruction_length"} <= set(extra)
+    assert out.schema.field("instruction_length").type == pa.int32()  # ours, untouched
+
+
+def test_magpie_sft_layout_field_by_field() -> None:
+    table = pa.table(
+        {
+            "uuid": ["s0", "s1"],
+            "instruction": ["what is two plus two", "name a red fruit"],
+            "gen_input_configs": [
+                {
+                    "temperature": 1.0,
+                    "top_p": 1.0,
+                    "input_generator": "m/ins",
+                    "seed": 1,
+                    "pre_query_template": "<q>",
+                }
+            ]
+            * 2,
+            "instruction_length": pa.array([20, 16], pa.int32()),
+            "responses": [["four"], ["an apple"]],
+            "response": ["four", "an apple"],
+            "gen_response_configs": [{"output_generator": "m/resp", "temperature": 0.6}] * 2,
+            "task_category": ["Math", "Information seeking"],
+            "repeat_count": pa.array([0, 2], pa.int32()),
+            "response_finish_reasons": [["stop"], ["stop"]],
+        }
+    )
+    dropped: dict[str, None] = {}
+    out = to_format(table, "magpie", dropped=dropped)
+    assert _fields(out.schema) == PUBLISHED_SFT
+    assert dict(MAGPIE_SFT_LAYOUT) == {f.name: f.type for f in out.schema}
+    row = out.to_pylist()[1]
+    assert row["model"] == "m/resp" and row["response"] == "an apple"
+    assert row["conversations"] == [
+        {"from": "human", "value": "name a red fruit"},
+        {"from": "gpt", "value": "an apple"},
+    ]
+    assert row["response_length"] == len("an apple") and row["instruction_length"] == 16
+    assert row["repeat_count"] == 2 and row["language"] is None
+    assert set(dropped) == {"responses", "gen_response_configs", "response_finish_reasons"}
+
+
+def test_magpie_sft_from_instructions_and_mt_columns() -> None:
+    """Instruction-only rows keep the SFT layout (null replies); follow-up columns stay."""
+    ins = pa.table({"uuid": ["a"], "instruction": ["hi there"]})
+    out = to_format(ins, "magpie")
+    assert _fields(out.schema) == PUBLISHED_SFT
+    assert out.to_pylist()[0]["response"] is None and out.to_pylist()[0]["instruction_length"] == 8
+    mt = pa.table(
+        {
+            "instruction": ["q1"],
+            "response": ["r1"],
+            "instruction_2": ["q2"],
+            "response_2": ["r2"],
+            "conversations": [
+                [
+                    {"from": "human", "value": v} if i % 2 == 0 else {"from": "gpt", "value": v}
+                    for i, v in enumerate(["q1", "r1", "q2", "r2"])
+                ]
+            ],
+        }
+    )
+    names = to_format(mt, "magpie").column_names
+    at = names.index("conversations")
+    assert names[at + 1 : at + 3] == ["instruction_2", "response_2"]
+
+
+def test_magpie_refuses_a_column_of_another_type() -> None:
+    table = _pairs().set_column(
+        _pairs().column_names.index("task_category"), "task_category", pa.array([[1]] * 3)
+    )
+    with pytest.raises(ExportError, match="'task_category' is list<item: int64>"):
+        to_format(table, "magpie")
 
 
 def test_magpie_keeps_existing_rewards_armorm() -> None:
     pairs = _pairs()
-    scores = pa.array(
-        [[{"score": 9.0}]] * pairs.num_rows, type=MAGPIE_DPO_COLUMNS["rewards_armorm"]
-    )
+    scores = pa.array([[{"score": 9.0}]] * pairs.num_rows, type=MAGPIE_DPO_LAYOUT["rewards_armorm"])
     out = to_format(pairs.append_column("rewards_armorm", scores), "magpie")
     assert out.column("rewards_armorm").to_pylist()[0] == [{"score": 9.0}]
 
@@ -211,7 +396,7 @@ def test_export_dataset_loads_with_datasets(tmp_path: Path, fmt: str) -> None:
         assert set(ds.column_names) == {"prompt", "chosen", "rejected"}
         assert first["prompt"][0]["role"] == "system"
     if fmt == "magpie":
-        assert ds.column_names == list(MAGPIE_DPO_COLUMNS)
+        assert ds.column_names == list(MAGPIE_DPO_LAYOUT)
 
 
 @pytest.mark.parametrize("fmt", ["sharegpt", "openai"])
@@ -221,6 +406,73 @@ def test_export_sft_loads_with_datasets(tmp_path: Path, fmt: str) -> None:
     export_dataset(src, out, fmt)
     ds = _load(out, fmt, tmp_path / "cache")
     assert ds.num_rows == 2
+
+
+def _many_pairs(copies: int) -> pa.Table:
+    """`copies` x the fixture pairs with distinct uuids."""
+    tables = []
+    for k in range(copies):
+        part = _pairs()
+        uuids = [f"{u}-{k}" for u in part.column("uuid").to_pylist()]
+        tables.append(part.set_column(part.column_names.index("uuid"), "uuid", pa.array(uuids)))
+    return pa.concat_tables(tables)
+
+
+@pytest.mark.parametrize("fmt", ["magpie", "trl", "jsonl"])
+def test_test_split_loads_as_two_splits(tmp_path: Path, fmt: str) -> None:
+    import datasets
+
+    from magpie.card import write_card
+    from magpie.stats import dataset_stats
+
+    src = tmp_path / "src"
+    table = _many_pairs(20)  # 60 rows over 3 shards
+    _write_shards(src, table, [25, 5, 30])
+    first = export_dataset(src, tmp_path / "a", fmt, test_size=0.05, split_seed=3)
+    assert dict(first.splits) == {"train": 57, "test": 3} and "test 3" in first.summary()
+    manifest = json.loads((tmp_path / "a" / MANIFEST_PATH).read_text())
+    assert manifest["splits"] == {"train": 57, "test": 3} and manifest["split_seed"] == 3
+    ds = datasets.load_dataset(str(tmp_path / "a"), cache_dir=str(tmp_path / "cache"))
+    assert set(ds) == {"train", "test"}
+    assert (ds["train"].num_rows, ds["test"].num_rows) == (57, 3)
+    again = export_dataset(src, tmp_path / "b", fmt, test_size=0.05, split_seed=3)
+    other = export_dataset(src, tmp_path / "c", fmt, test_size=0.05, split_seed=4)
+
+    def test_files(report) -> list[bytes]:
+        return [p.read_bytes() for p in report.files if p.name.startswith("test")]
+
+    assert test_files(first) == test_files(again)  # same seed, same split
+    assert test_files(first) != test_files(other)
+    if fmt == "magpie":
+        ids = set(ds["train"]["uuid"]) | set(ds["test"]["uuid"])
+        assert ids == set(table.column("uuid").to_pylist())  # every row exactly once
+        assert dataset_stats(tmp_path / "a").rows == 60
+        card = write_card(tmp_path / "a", plots=False)
+        assert card.splits == {"train": 57, "test": 3}
+        for path in first.files:  # every shard of both splits has the published layout
+            assert _fields(pq.read_schema(path)) == PUBLISHED_DPO
+
+
+@pytest.mark.parametrize("fmt", ["magpie", "jsonl"])
+def test_overwrite_removes_an_earlier_test_split(tmp_path: Path, fmt: str) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write_shards(src, _many_pairs(10), [30])
+    export_dataset(src, out, fmt, test_size=0.1)
+    assert any(p.name.startswith("test") for p in out.iterdir())
+    report = export_dataset(src, out, fmt, overwrite=True)  # no split this time
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([".magpie", *(p.name for p in report.files)])
+
+
+def test_test_size_is_checked(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _write_shards(src, _pairs(), [3])
+    for bad in (0.0, 1.0, 2):
+        with pytest.raises(ExportError, match="--test-size"):
+            export_dataset(src, tmp_path / "out", "trl", test_size=bad)
+    assert not (tmp_path / "out").exists()
+    report = export_dataset(src, tmp_path / "out", "trl", test_size=0.9)  # 3 rows: train keeps 1
+    assert dict(report.splits) == {"train": 1, "test": 2}
 
 
 def test_all_empty_source_keeps_one_typed_shard(tmp_path: Path) -> None:
@@ -361,3 +613,62 @@ def test_trl_export_trains_with_dpo_trainer(tmp_path: Path) -> None:
     assert trainer.state.global_step == 2
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_export_flags(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from magpie import cli
+
+    src = tmp_path / "src"
+    _write_shards(src, _many_pairs(10), [30])
+    args = ["export", "--in", str(src), "-f", "magpie", "--test-size", "0.1", "--split-seed", "1"]
+    result = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "a")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, text
+    assert "(train 27, test 3)" in text and "--extra-columns keeps them" in text
+    assert (
+        "reward_margin" not in pq.read_schema(tmp_path / "a" / "test-00000-of-00001.parquet").names
+    )
+    extra = [*args, "--extra-columns", "--out", str(tmp_path / "b")]
+    assert CliRunner().invoke(cli.app, extra).exit_code == 0
+    assert "reward_margin" in pq.read_schema(tmp_path / "b" / "test-00000-of-00001.parquet").names
+    bad = CliRunner().invoke(
+        cli.app, [*args[:-2], "--test-size", "5", "--out", str(tmp_path / "c")]
+    )
+    assert bad.exit_code == 2 and "--test-size 5.0 is not a fraction" in " ".join(
+        bad.output.split()
+    )
+
+
+def test_sft_export_of_our_own_stages(tmp_path: Path) -> None:
+    """instructions -> responses --n 1 (fake engine) -> --format magpie: the published SFT
+    layout, field for field, with both splits readable by `datasets`."""
+    import io
+
+    import datasets
+    from rich.console import Console
+
+    from magpie import pipeline
+    from magpie.config import InstructionsConfig, ResponsesConfig
+    from magpie.executors.base import ProgressView
+
+    view = ProgressView(Console(file=io.StringIO()), enabled=False)
+    fake = {"name": "fake"}
+    ins = InstructionsConfig.model_validate({"engine": fake, "num": 20, "max_tokens": 20})
+    pipeline.instructions(ins, tmp_path / "ins", view)
+    res = ResponsesConfig.model_validate({"engine": fake, "n": 1, "max_tokens": 20})
+    pipeline.responses(res, tmp_path / "ins", tmp_path / "res", view)
+    report = pipeline.export(tmp_path / "res", tmp_path / "sft", "magpie", test_size=0.1)
+    assert dict(report.splits) == {"train": 18, "test": 2}
+    for path in report.files:
+        assert _fields(pq.read_schema(path)) == PUBLISHED_SFT
+    ds = datasets.load_dataset(str(tmp_path / "sft"), cache_dir=str(tmp_path / "cache"))
+    row = ds["test"][0]
+    assert row["model"] == "fake/default" and row["response"]
+    assert row["conversations"][1] == {"from": "gpt", "value": row["response"]}
+    assert row["response_length"] == len(row["response"])
+    assert row["gen_input_configs"]["input_generator"] == "fake/default"

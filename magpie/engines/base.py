@@ -9,7 +9,7 @@ are looked up by name, so no stage imports a concrete engine.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from magpie.errors import MagpieError
@@ -31,6 +31,35 @@ class Sampling:
     """Return this many top log-probabilities per generated token (judges need them)."""
     json_schema: dict[str, Any] | None = None
     """Constrain the output to JSON that validates against this schema."""
+    first_token_ban: tuple[str, ...] = ()
+    """Token texts the first generated token may not be (each one token of the model)."""
+    first_token_boost: float = 1.0
+    """The first token's logits are divided by this before sampling (on top of temperature)."""
+
+    @property
+    def first_token_controls(self) -> bool:
+        """Whether the first generated token is sampled differently from the rest."""
+        return bool(self.first_token_ban) or self.first_token_boost != 1.0
+
+    def first_step(self) -> Sampling:
+        """The first token alone, as engines that cannot treat step 0 apart sample it: one
+        token at temperature x boost (the ban travels with it for the engine to apply)."""
+        if self.json_schema is not None:
+            raise EngineError(
+                "first-token controls cannot be combined with a JSON schema: drop one of them"
+            )
+        return replace(
+            self,
+            max_tokens=1,
+            temperature=self.temperature * self.first_token_boost,
+            first_token_boost=1.0,
+        )
+
+    def after_first(self) -> Sampling:
+        """The tokens after the first: the same settings without the first-token controls."""
+        return replace(
+            self, max_tokens=self.max_tokens - 1, first_token_ban=(), first_token_boost=1.0
+        )
 
 
 @dataclass(frozen=True)
@@ -115,6 +144,40 @@ def check_prompt_fits(tokens: int, max_tokens: int, context: int, knob: str) -> 
             f"prompt of {tokens} tokens + max_tokens {max_tokens} exceed the context of "
             f"{context}: lower max_tokens or raise {knob}"
         )
+
+
+BANNED = -100.0
+"""Logit bias of a banned token for engines that take a bias (OpenAI's strongest value)."""
+
+
+def first_token_ids(texts: Sequence[str], tokenize: Callable[[str], list[int]]) -> list[int]:
+    """Token ids of the first-token ban list; each text must be exactly one token."""
+    ids = []
+    for text in texts:
+        tokens = tokenize(text)
+        if len(tokens) != 1:
+            raise EngineError(
+                f"first-token ban {text!r} is {len(tokens)} tokens in this model's vocabulary, "
+                "not one: list single tokens (--ban-first-token)"
+            )
+        ids.append(tokens[0])
+    return ids
+
+
+def join_first(first: Completion, rest: Completion | None) -> Completion:
+    """One completion from a first token sampled alone and the continuation after it."""
+    if rest is None:
+        return first
+    logprobs = None
+    if first.top_logprobs is not None or rest.top_logprobs is not None:
+        logprobs = (first.top_logprobs or []) + (rest.top_logprobs or [])
+    return Completion(
+        text=first.text + rest.text,
+        finish_reason=rest.finish_reason,
+        prompt_tokens=first.prompt_tokens,
+        completion_tokens=first.completion_tokens + rest.completion_tokens,
+        top_logprobs=logprobs,
+    )
 
 
 def engine_names() -> list[str]:

@@ -9,6 +9,10 @@ token per word. Options make it behave like a real backend under stress:
                  the way an actor dies on a lost node; later requests run normally
   crash_on       only crash on a prompt containing this text (with crash_once)
   fail_on        a request whose prompt contains this text raises EngineError (user-fixable)
+  headers        texts start with a markdown header line ("## ...\n" then more words), the
+                 habit the first-token ban of the Llama-3.1 recipe is for
+Sampling is honoured the way a model would: stop strings cut the text, banned first tokens
+(words here) are not the first word, a first-token boost redraws the first word.
 Not for real data: `--engine fake` is documented as a test engine.
 """
 
@@ -94,6 +98,7 @@ class FakeEngine:
         crash_once: str | None = None,
         crash_on: str | None = None,
         fail_on: str | None = None,
+        headers: bool = False,
         **_: Any,
     ) -> None:
         self.model_id = f"fake/{model or 'default'}"
@@ -102,6 +107,7 @@ class FakeEngine:
         self.crash_once = Path(crash_once) if crash_once else None
         self.crash_on = crash_on
         self.fail_on = fail_on
+        self.headers = headers
 
     @property
     def info(self) -> ModelInfo:
@@ -113,6 +119,23 @@ class FakeEngine:
         return len(text.split())
 
     def _text(self, request: Request, sample: int) -> tuple[str, str]:
+        text, reason = self._draw(request, sample)
+        sampling = request.sampling
+        digest = _digest(request.prompt, request.seed, sample, "steer")
+        if self.headers:
+            text = f"## {text}\nSome more detail {WORDS[digest[0] % len(WORDS)]}."
+        if sampling.first_token_boost != 1.0:
+            redraw = _digest(digest, sampling.first_token_boost)[0] % len(WORDS)
+            first, _, rest = text.partition(" ")
+            text = f"{WORDS[redraw].capitalize()} {rest}" if rest else first
+        while text.split() and text.split()[0] in sampling.first_token_ban:
+            text = text.split(None, 1)[1] if len(text.split()) > 1 else ""
+        cuts = [text.index(s) for s in sampling.stop if s and s in text]
+        if cuts:
+            return text[: min(cuts)], "stop"
+        return text, reason
+
+    def _draw(self, request: Request, sample: int) -> tuple[str, str]:
         digest = _digest(request.prompt, request.seed, sample)
         if digest[0] < 64:  # one request in four repeats a stock sentence
             return STOCK[digest[1] % len(STOCK)], "stop"

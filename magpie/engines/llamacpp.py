@@ -23,6 +23,7 @@ from magpie.engines.base import (
     ProgressCallback,
     Request,
     check_prompt_fits,
+    first_token_ids,
 )
 from magpie.engines.llamacpp_batch import BatchDecoder, SeqResult, SeqSpec
 from magpie.engines.llamacpp_runtime import (
@@ -115,6 +116,7 @@ class LlamaCppEngine:
         self._model_id = BUNDLED_MODEL_ID if model is None else path.name
         self._info = self._read_info()
         self._decoder: BatchDecoder | None = None
+        self._bans: dict[tuple[str, ...], tuple[int, ...]] = {}
         if not vocab_only:
             capacity = max(1, min(int(n_batch), self.runtime.max_batch_tokens))
             n_seq = 1 if self.runtime.max_batch_tokens <= 1 else int(batch_size)
@@ -169,6 +171,12 @@ class LlamaCppEngine:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
+    def _first_ban(self, texts: tuple[str, ...]) -> tuple[int, ...]:
+        """Token ids of a first-token ban list (resolved once per list)."""
+        if texts not in self._bans:
+            self._bans[texts] = tuple(first_token_ids(texts, self.tokenize))
+        return self._bans[texts]
+
     def generate(
         self, requests: Sequence[Request], on_done: ProgressCallback | None = None
     ) -> list[list[Completion]]:
@@ -180,8 +188,9 @@ class LlamaCppEngine:
             tokens = self.tokenize(request.prompt)
             check_prompt_fits(len(tokens), request.sampling.max_tokens, self._n_ctx, "n_ctx")
             base_seed = request.seed if request.seed is not None else 0
+            ban = self._first_ban(request.sampling.first_token_ban)
             for i in range(request.n):
-                specs.append(SeqSpec(tokens, request.sampling, base_seed + i))
+                specs.append(SeqSpec(tokens, request.sampling, base_seed + i, ban))
                 owner.append(number)
         left = [r.n for r in requests]
         produced = [0] * len(requests)

@@ -11,7 +11,8 @@ One `BatchDecoder.run` call completes a list of sequences (a prompt, its samplin
   finished sequence's slot goes to the next waiting one (admitted in order, when its worst-case
   KV need fits beside the running ones);
 - each sequence has its own sampler chain (the same chain llama-cpp-python builds: penalties,
-  grammar, then greedy or top-k/typical/top-p/min-p/temperature/dist with its seed).
+  grammar, then greedy or top-k/typical/top-p/min-p/temperature/dist with its seed); the first
+  generated token's logits can be steered first (banned ids, a temperature boost).
 
 Determinism: the KV cache is cleared at the start of every call and the schedule depends only on
 the sequences and the decoder's settings, so a call's results depend only on its inputs (the
@@ -45,6 +46,8 @@ class SeqSpec:
     tokens: list[int]
     sampling: Sampling
     seed: int
+    first_ban: tuple[int, ...] = ()
+    """Token ids the first generated token may not be (`sampling.first_token_ban` resolved)."""
 
 
 @dataclass
@@ -360,6 +363,8 @@ class BatchDecoder:
     def _sample(self, live: _Live, batch_index: int) -> None:
         """Sample the next token of `live` from output `batch_index` and apply the stop rules."""
         sampling = live.spec.sampling
+        if not live.out and (live.spec.first_ban or sampling.first_token_boost != 1.0):
+            self._steer_first(live.spec, batch_index)
         if live.logprobs is not None:
             live.logprobs.append(self._top_logprobs(batch_index, sampling.logprobs or 0))
         token = llama_cpp.llama_sampler_sample(live.sampler.sampler, self._ctx.ctx, batch_index)
@@ -378,6 +383,16 @@ class BatchDecoder:
             self._finish(live, "stop", bytes(live.text))
         else:
             live.feed = [token]
+
+    def _steer_first(self, spec: SeqSpec, batch_index: int) -> None:
+        """Before the first token is sampled: divide its logits by the boost, ban the banned
+        ids (in place, in llama.cpp's own logits buffer, which the sampler chain reads)."""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, batch_index)
+        row = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        if spec.sampling.first_token_boost != 1.0:
+            row /= spec.sampling.first_token_boost
+        if spec.first_ban:
+            row[list(spec.first_ban)] = -np.inf
 
     def _finish(self, live: _Live, reason: str, text: bytes) -> None:
         live.result = SeqResult(

