@@ -42,30 +42,42 @@ class _Stat:
 
 
 class RemotePath:
-    """A file or prefix in an fsspec filesystem, addressed as `protocol://path`."""
+    """A file or prefix in an fsspec filesystem, addressed as `protocol://path`.
 
-    __slots__ = ("fs", "path", "protocol")
+    A URI whose filesystem cannot be had (no backend installed, unknown protocol) still makes a
+    RemotePath, so that parsing a flag never fails; its first use raises the one-line error.
+    """
 
-    def __init__(self, fs: Any, path: str, protocol: str) -> None:
-        self.fs = fs
+    __slots__ = ("_error", "_fs", "path", "protocol")
+
+    def __init__(self, fs: Any, path: str, protocol: str, error: str | None = None) -> None:
+        self._fs = fs
+        self._error = error
         self.path = path.rstrip("/")
         self.protocol = protocol
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            raise MagpieError(self._error or f"{self}: no filesystem")
+        return self._fs
 
     @classmethod
     def from_uri(cls, uri: str) -> RemotePath:
         import fsspec
 
-        protocol = uri.split("://", 1)[0].lower()
+        protocol, rest = uri.split("://", 1)
+        protocol = protocol.lower()
         options = {"use_listings_cache": False} if protocol in NO_LISTING_CACHE else {}
         try:
             fs, path = fsspec.core.url_to_fs(uri, **options)
         except ImportError as exc:
             package = PACKAGES.get(protocol, f"the fsspec backend of {protocol}://")
-            raise MagpieError(
-                f"{uri}: {protocol}:// needs {package} (pip install {package}): {exc}"
-            ) from None
+            error = f"{uri}: {protocol}:// needs {package} (pip install {package}): {exc}"
+            return cls(None, rest, protocol, error)
         except ValueError as exc:
-            raise MagpieError(f"{uri} is not a storage address fsspec knows ({exc})") from None
+            error = f"{uri} is not a storage address fsspec knows ({exc}): pass a folder or URI"
+            return cls(None, rest, protocol, error)
         return cls(fs, path, protocol)
 
     # ---- names ---------------------------------------------------------------------------
@@ -94,7 +106,8 @@ class RemotePath:
         )
 
     def __truediv__(self, name: str | os.PathLike[str]) -> RemotePath:
-        return RemotePath(self.fs, f"{self.path}/{str(name).strip('/')}", self.protocol)
+        path = f"{self.path}/{str(name).strip('/')}"
+        return RemotePath(self._fs, path, self.protocol, self._error)
 
     @property
     def name(self) -> str:
@@ -111,7 +124,7 @@ class RemotePath:
     @property
     def parent(self) -> RemotePath:
         head = self.path.rsplit("/", 1)[0] if "/" in self.path else self.path
-        return RemotePath(self.fs, head, self.protocol)
+        return RemotePath(self._fs, head, self.protocol, self._error)
 
     def resolve(self) -> RemotePath:
         return self

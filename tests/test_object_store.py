@@ -380,6 +380,8 @@ def test_truncated_shard_object_is_named_and_repaired(s3) -> None:
 def test_missing_bucket_and_local_only_commands_are_one_line(s3, tmp_path: Path) -> None:
     missing = cli(*ins_args("s3://no-such-bucket/x", num=2))
     one_line_error(missing, "cannot write to s3://no-such-bucket/x", "bucket")
+    unknown = cli(*ins_args("nosuchstore://b/x", num=2))
+    one_line_error(unknown, "nosuchstore://b/x is not a storage address fsspec knows")
     assert cli(*ins_args(uri("for-filter"), num=2)).returncode == 0
     local_only = cli("filter", "--in", uri("for-filter"), "--out", str(tmp_path / "f"),
                          "--where", "true", "-q")  # fmt: skip
