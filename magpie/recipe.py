@@ -260,6 +260,11 @@ def plan(data: dict[str, Any]) -> Plan:
     steps: list[Step] = []
     for index, raw in enumerate(recipe.steps):
         steps.append(_step(index, raw, shared, steps))
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", recipe.out):  # s3://..., gs://... (flags: s3:/)
+        raise MagpieError(
+            f"recipe out: {recipe.out} is an object store; step recipes write a local run folder "
+            "for now: pass a local --out"
+        )
     made = Plan(Path(recipe.out), steps, recipe.executor)
     _check_cards(made)
     made.source = {
