@@ -212,6 +212,8 @@ class Plan:
     executor: ExecutorSpec
     source: dict[str, Any] = field(default_factory=dict)
     """The resolved recipe as written to RUN/recipe.yaml."""
+    legacy: Recipe | None = None
+    """The fixed-format recipe this plan was converted from, if any."""
 
     @property
     def final(self) -> Step:
@@ -370,7 +372,7 @@ def plan_legacy(data: dict[str, Any] | Recipe) -> Plan:
         Step(4, "export", "export", ExportStep(formats=recipe.export), "pairs"),
         Step(5, "card", "card", CardStep(), "pairs"),
     ]
-    return Plan(Path(recipe.out), steps, recipe.executor, recipe.model_dump(mode="json"))
+    return Plan(Path(recipe.out), steps, recipe.executor, recipe.model_dump(mode="json"), recipe)
 
 
 # ---- overrides -----------------------------------------------------------------------------
