@@ -603,6 +603,17 @@ class StepResult:
     outputs: list[Any] = field(default_factory=list)
 
 
+def legacy_results(made: Plan, summaries: dict[str, Any]) -> list[StepResult]:
+    """Step results of a fixed-format run whose stages ran outside `run_plan` (a summaries dict
+    keyed instructions, responses, score, pairs, export, reports), for the same printing."""
+    stages = {"scored": "score", "card": "reports"}
+    results = []
+    for step in made.steps:
+        outputs = summaries[stages.get(step.name, step.name)]
+        results.append(StepResult(step, False, outputs if isinstance(outputs, list) else [outputs]))
+    return results
+
+
 def run_plan(
     made: Plan, view: Any, overwrite: bool = False, executor: ExecutorSpec | None = None
 ) -> list[StepResult]:

@@ -248,6 +248,25 @@ def test_recipe_level_settings_reach_steps_unless_a_step_sets_its_own() -> None:
     assert made.final is fil and made.folder(card) == made.out
 
 
+def test_fixed_format_runs_as_the_same_steps_and_folders() -> None:
+    from magpie.config import Recipe
+    from magpie.recipe import legacy_results, plan_legacy
+
+    made = plan_legacy(Recipe(out="r", export=["trl"]))
+    assert [(s.name, s.stage, s.input) for s in made.steps] == [
+        ("instructions", "instructions", None),
+        ("responses", "responses", "instructions"),
+        ("scored", "score", "responses"),
+        ("pairs", "pairs", "scored"),
+        ("export", "export", "pairs"),
+        ("card", "card", "pairs"),
+    ]
+    assert made.final.name == "pairs" and made.folder(made.steps[-1]) == made.out
+    summaries = {k: k for k in ("instructions", "responses", "score", "pairs")}
+    results = legacy_results(made, {**summaries, "export": ["trl"], "reports": ["card", "view"]})
+    assert [r.outputs for r in results][2:] == [["score"], ["pairs"], ["trl"], ["card", "view"]]
+
+
 def test_bad_set_and_mixed_formats_are_one_line(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(FAKE.format(out=tmp_path / "run", where="true"))
