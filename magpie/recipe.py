@@ -15,6 +15,7 @@ The fixed DPO format of earlier versions (sections `instructions`, `responses`, 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -410,7 +411,7 @@ def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
 
 def apply_sets(data: dict[str, Any], sets: list[tuple[list[str], Any]]) -> dict[str, Any]:
     """Set single fields: a recipe-level field, or `STEP.FIELD` of the step named STEP."""
-    data = json.loads(json.dumps(data))  # a deep copy of plain YAML data
+    data = copy.deepcopy(data)
     steps = data.get("steps")
     for path, value in sets:
         if isinstance(steps, list) and path[0] not in StepRecipe.model_fields:
