@@ -217,6 +217,10 @@ STEPS = [{"stage": "instructions"}, {"stage": "responses"}, {"stage": "filter", 
         ({2: {"stage": "tag", "tags": ["reward"]}}, ["steps[2] (tag)", "reward tag needs"]),
         ({2: {"stage": "card", "name": "plots"}}, ["steps[2] (plots).name", "folder name"]),
         ({2: {"stage": "filter", "name": "export", "limit": 1}}, ["(export).name", "export step"]),
+        ({2: {"stage": "pairs"}}, ["steps[2] (pairs).input", "no 'rewards' column", "score step"]),
+        ({2: {"stage": "filter", "presets": ["magpie-filtered"]}},
+         ["steps[2] (filter).presets", "input_quality", "--tags quality"]),
+        ({1: {"stage": "extend"}}, ["steps[1] (extend).input", "responses step with n: 1"]),
     ],
 )  # fmt: skip
 def test_validation_names_step_and_field(change: dict, needles: list[str]) -> None:
