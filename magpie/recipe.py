@@ -15,10 +15,12 @@ The fixed DPO format of earlier versions (sections `instructions`, `responses`, 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,21 +102,15 @@ class ExportStep(_Strict):
     all_responses: bool = False
     test_size: float | None = Field(None, gt=0, lt=1, description="share moved to a test split")
     split_seed: int = Field(0, ge=0, description="seed of the test split")
-
-    @field_validator("test_size", "split_seed")
-    @classmethod
-    def _export_has_split(cls, value: Any) -> Any:
-        import inspect
-
-        from magpie import pipeline
-
-        if value and "test_size" not in inspect.signature(pipeline.export).parameters:
-            raise ValueError("this version's export makes no test split; leave the field out")
-        return value
+    extra_columns: bool = Field(False, description="keep our columns beyond the published layout")
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of `pipeline.export` beyond the defaults."""
-        extra = {"test_size": self.test_size, "split_seed": self.split_seed}
+        extra = {
+            "test_size": self.test_size,
+            "split_seed": self.split_seed,
+            "extra_columns": self.extra_columns,
+        }
         return {"all_responses": self.all_responses, **{k: v for k, v in extra.items() if v}}
 
     @field_validator("formats")
@@ -263,6 +259,7 @@ def plan(data: dict[str, Any]) -> Plan:
         steps.append(_step(index, raw, shared, steps))
     made = Plan(as_path(recipe.out), steps, recipe.executor)
     _check_cards(made)
+    _check_columns(made)
     made.source = {
         "out": recipe.out,
         "executor": recipe.executor.model_dump(mode="json"),
@@ -354,6 +351,79 @@ def _check_cards(made: Plan) -> None:
         seen[folder] = step
 
 
+TAG_ADDS = {
+    "difficulty": {"difficulty"},
+    "quality": {"input_quality"},
+    "category": {"task_category"},
+    "safety": {"llama_guard_2", "safety"},
+    "reward": {"instruct_reward"},
+    "language": {"language"},
+    "neighbors": {"min_neighbor_distance", "repeat_count", "min_similar_uuid"},
+}
+
+
+def _adds(step: Step) -> set[str]:
+    """The columns a step adds that later steps and filter presets look for."""
+    s = step.settings
+    if step.stage == "instructions":
+        return {"uuid", "instruction"} | ({"conversations"} if s.turns > 1 else set())
+    if step.stage == "responses":
+        return {"responses"} | (
+            {"response", "response_length", "conversations"} if s.n == 1 else set()
+        )
+    if step.stage == "tag":
+        return set().union(*(TAG_ADDS.get(t, set()) for t in s.tags))
+    return {
+        "score": {"rewards"},
+        "pairs": {"chosen", "rejected", "reward_margin"},
+        "extend": {"conversations"},
+    }.get(step.stage, set())
+
+
+def _check_columns(made: Plan) -> None:
+    """What each step reads is made by an earlier step of its input chain: a stage's inputs and
+    the columns of filter presets (a `where` expression is checked when it runs)."""
+    from magpie.filters import FALLBACKS, PRESETS, PRODUCERS, _missing_message, resolve_params
+
+    have: dict[str, set[str]] = {}
+    for step in made.steps:
+        cols = have.get(step.input, set()) if step.input else set()
+        needs = {
+            "score": ["responses"],
+            "pairs": ["responses", "rewards"],
+            "tag": ["responses"] if "reward" in getattr(step.settings, "tags", []) else [],
+        }.get(step.stage, [])
+        for column in needs:
+            if column not in cols:
+                maker = "a responses" if column == "responses" else "a score"
+                raise MagpieError(
+                    f"recipe {step.label}.input: {step.input} has no {column!r} column; put "
+                    f"{maker} step before this {step.stage} step"
+                )
+        if step.stage == "extend" and not cols & {"response", "conversations"}:
+            raise MagpieError(
+                f"recipe {step.label}.input: {step.input} has no response to extend; put a "
+                "responses step with n: 1 before it"
+            )
+        if step.stage == "filter":
+            s = step.settings
+            params = resolve_params(s.presets, s.params)
+            missing: dict[str, str] = {}
+            for name in s.presets:
+                declared = {p.name for p in PRESETS[name].params}
+                for _, template in PRESETS[name].conditions:
+                    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+                    if any(params.get(f) is None for f in fields & declared):
+                        continue  # a condition switched off
+                    for f in sorted(fields - declared):
+                        fallback = f in FALLBACKS and FALLBACKS[f][0] in cols
+                        if f in PRODUCERS and f not in cols and not fallback:
+                            missing.setdefault(f, name)
+            if missing:
+                raise MagpieError(f"recipe {step.label}.presets: {_missing_message(missing)}")
+        have[step.name] = cols | _adds(step)
+
+
 def plan_legacy(data: dict[str, Any] | Recipe) -> Plan:
     """The fixed DPO recipe as steps with its folder names: instructions, responses, scored,
     pairs, export/<format>, and the card and viewer of pairs/ in the run folder."""
@@ -404,7 +474,7 @@ def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
 
 def apply_sets(data: dict[str, Any], sets: list[tuple[list[str], Any]]) -> dict[str, Any]:
     """Set single fields: a recipe-level field, or `STEP.FIELD` of the step named STEP."""
-    data = json.loads(json.dumps(data))  # a deep copy of plain YAML data
+    data = copy.deepcopy(data)
     steps = data.get("steps")
     for path, value in sets:
         if isinstance(steps, list) and path[0] not in StepRecipe.model_fields:

@@ -86,7 +86,7 @@ def check_result(name: str, out: Path, cache: Path) -> list[dict]:
         exported = datasets.load_dataset(
             "parquet", data_dir=str(out / "export" / fmt), cache_dir=str(cache / name / fmt)
         )
-        assert exported["train"].num_rows == table.num_rows
+        assert sum(split.num_rows for split in exported.values()) == table.num_rows
     return steps
 
 
@@ -217,6 +217,10 @@ STEPS = [{"stage": "instructions"}, {"stage": "responses"}, {"stage": "filter", 
         ({2: {"stage": "tag", "tags": ["reward"]}}, ["steps[2] (tag)", "reward tag needs"]),
         ({2: {"stage": "card", "name": "plots"}}, ["steps[2] (plots).name", "folder name"]),
         ({2: {"stage": "filter", "name": "export", "limit": 1}}, ["(export).name", "export step"]),
+        ({2: {"stage": "pairs"}}, ["steps[2] (pairs).input", "no 'rewards' column", "score step"]),
+        ({2: {"stage": "filter", "presets": ["magpie-filtered"]}},
+         ["steps[2] (filter).presets", "input_quality", "--tags quality"]),
+        ({1: {"stage": "extend"}}, ["steps[1] (extend).input", "responses step with n: 1"]),
     ],
 )  # fmt: skip
 def test_validation_names_step_and_field(change: dict, needles: list[str]) -> None:
@@ -246,6 +250,22 @@ def test_recipe_level_settings_reach_steps_unless_a_step_sets_its_own() -> None:
     assert (res.settings.seed, res.settings.engine.name) == (9, "llamacpp")
     assert fil.input == "responses" and fil.settings.seed == 3
     assert made.final is fil and made.folder(card) == made.out
+
+
+def test_fixed_format_runs_as_the_same_steps_and_folders() -> None:
+    from magpie.config import Recipe
+    from magpie.recipe import plan_legacy
+
+    made = plan_legacy(Recipe(out="r", export=["trl"]))
+    assert [(s.name, s.stage, s.input) for s in made.steps] == [
+        ("instructions", "instructions", None),
+        ("responses", "responses", "instructions"),
+        ("scored", "score", "responses"),
+        ("pairs", "pairs", "scored"),
+        ("export", "export", "pairs"),
+        ("card", "card", "pairs"),
+    ]
+    assert made.final.name == "pairs" and made.folder(made.steps[-1]) == made.out
 
 
 def test_bad_set_and_mixed_formats_are_one_line(tmp_path: Path) -> None:
