@@ -472,3 +472,49 @@ def test_magpie_run_into_s3_gives_the_local_run(s3, tmp_path: Path) -> None:
     assert {"README.md", "view.html"} <= set(record["written_files"]) and "README.md" in keys
     check = cli("verify", uri("run"))
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+STEP_RECIPE = """\
+num: 6
+engine: {name: fake}
+steps:
+  - stage: instructions
+    max_tokens: 9
+    shard_size: 4
+  - stage: responses
+    n: 2
+  - name: picked
+    stage: filter
+    where: "length(instruction) > 10"
+  - stage: export
+    formats: [sharegpt]
+    test_size: 0.3
+  - stage: card
+    plots: false
+"""
+
+
+def test_step_recipe_into_s3_gives_the_local_run(s3, tmp_path: Path) -> None:
+    """A step recipe's in-process steps (filter, export, card) run on a local copy of their
+    input and are put beside the stages' datasets: the same rows and export files as locally."""
+    recipe = tmp_path / "steps.yaml"
+    recipe.write_text(STEP_RECIPE)
+    local = cli("run", str(recipe), "--out", str(tmp_path / "steps"), "-q")
+    assert local.returncode == 0, local.stderr
+    remote = cli("run", str(recipe), "--out", uri("steps"), "-q")
+    assert remote.returncode == 0, remote.stderr
+    picked = local_rows(tmp_path / "steps" / "picked")
+    assert picked and remote_rows(s3, "steps/picked") == picked
+    keys = objects(s3, "steps")
+    exported = tmp_path / "steps" / "export" / "sharegpt"
+    files = sorted(p.name for p in exported.iterdir() if p.is_file())
+    assert sorted(k.rsplit("/", 1)[-1] for k in keys if k.startswith("export/sharegpt/")
+                  and "/.magpie/" not in k) == files  # fmt: skip
+    for name in files:
+        digest = hashlib.sha256((exported / name).read_bytes()).hexdigest()
+        assert keys[f"export/sharegpt/{name}"] == digest
+    record = json.loads(s3.fs.cat_file(f"{BUCKET}/steps/.magpie/run.json"))
+    assert record["final"] == "picked" and "README.md" in keys
+    again = cli("run", str(recipe), "--out", uri("steps"), "-q")  # complete: every step skipped
+    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 5, again.stdout
+    assert objects(s3, "steps") == keys
