@@ -300,24 +300,24 @@ def _footer(path: RemotePath) -> pa.BufferReader | None:
     return None
 
 
-def read_metadata(path: AnyPath) -> Any:
+def _read_footer_with(reader: Any, path: AnyPath) -> Any:
+    """`reader` (pq.read_metadata / pq.read_schema) of a local file, or of a remote one's footer
+    (one ranged read; the whole object where the store cannot read a range)."""
     if isinstance(path, RemotePath):
         footer = _footer(path)
         if footer is not None:
-            return pq.read_metadata(footer)
+            return reader(footer)
         with path.open("rb") as handle:
-            return pq.read_metadata(handle)
-    return pq.read_metadata(path)
+            return reader(handle)
+    return reader(path)
+
+
+def read_metadata(path: AnyPath) -> Any:
+    return _read_footer_with(pq.read_metadata, path)
 
 
 def read_schema(path: AnyPath) -> pa.Schema:
-    if isinstance(path, RemotePath):
-        footer = _footer(path)
-        if footer is not None:
-            return pq.read_schema(footer)
-        with path.open("rb") as handle:
-            return pq.read_schema(handle)
-    return pq.read_schema(path)
+    return _read_footer_with(pq.read_schema, path)
 
 
 def table_bytes(table: pa.Table) -> bytes:

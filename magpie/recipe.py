@@ -53,6 +53,17 @@ RESERVED = {"plots", "recipe.yaml", "README.md", "view.html"}
 RUN_RECORD = Path(".magpie") / "run.json"
 
 
+def _known(kind: str, values: list[str], choices: list[str]) -> list[str]:
+    """`values` when each is one of `choices`; else the first unknown one, with a suggestion."""
+    for value in values:
+        if value not in choices:
+            raise ValueError(
+                f"unknown {kind} {value!r}{did_you_mean(value, choices)} "
+                f"({kind}s: {', '.join(choices)})"
+            )
+    return values
+
+
 class FilterStep(_Strict):
     """`filter`: the conditions and selection of `magpie filter` (see magpie.filters)."""
 
@@ -71,13 +82,7 @@ class FilterStep(_Strict):
     def _known_presets(cls, value: list[str]) -> list[str]:
         from magpie.filters import PRESETS
 
-        for name in value:
-            if name not in PRESETS:
-                raise ValueError(
-                    f"unknown preset {name!r}{did_you_mean(name, list(PRESETS))} "
-                    f"(presets: {', '.join(PRESETS)})"
-                )
-        return value
+        return _known("preset", value, list(PRESETS))
 
     @model_validator(mode="after")
     def _something_to_do(self) -> FilterStep:
@@ -118,13 +123,7 @@ class ExportStep(_Strict):
     def _known_formats(cls, value: list[str]) -> list[str]:
         from magpie.export import FORMATS
 
-        for fmt in value:
-            if fmt not in FORMATS:
-                raise ValueError(
-                    f"unknown export format {fmt!r}{did_you_mean(fmt, list(FORMATS))} "
-                    f"(formats: {', '.join(FORMATS)})"
-                )
-        return list(dict.fromkeys(value))
+        return list(dict.fromkeys(_known("export format", value, list(FORMATS))))
 
 
 class CardStep(_Strict):

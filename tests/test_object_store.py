@@ -448,15 +448,20 @@ export: [trl]
 """
 
 
+def run_here_and_in_s3(tmp_path: Path, text: str, name: str) -> Path:
+    """`magpie run` of the recipe `text` into tmp_path/NAME and into s3://BUCKET/NAME."""
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(text)
+    for out in (str(tmp_path / name), uri(name)):
+        result = cli("run", str(recipe), "--out", out, "-q")
+        assert result.returncode == 0, result.stderr
+    return recipe
+
+
 def test_magpie_run_into_s3_gives_the_local_run(s3, tmp_path: Path) -> None:
     """Generation on the fake engine, scores from the bundled model as judge; the same pairs
     and export as a local run, plus the card and viewer recorded as ours in the run record."""
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RUN_RECIPE)
-    local = cli("run", str(recipe), "--out", str(tmp_path / "run"), "-q")
-    assert local.returncode == 0, local.stderr
-    remote = cli("run", str(recipe), "--out", uri("run"), "-q")
-    assert remote.returncode == 0, remote.stderr
+    run_here_and_in_s3(tmp_path, RUN_RECIPE, "run")
     pairs = local_rows(tmp_path / "run" / "pairs")
     assert pairs and remote_rows(s3, "run/pairs") == pairs
     keys = objects(s3, "run")
@@ -497,12 +502,7 @@ steps:
 def test_step_recipe_into_s3_gives_the_local_run(s3, tmp_path: Path) -> None:
     """A step recipe's in-process steps (filter, export, card) run on a local copy of their
     input and are put beside the stages' datasets: the same rows and export files as locally."""
-    recipe = tmp_path / "steps.yaml"
-    recipe.write_text(STEP_RECIPE)
-    local = cli("run", str(recipe), "--out", str(tmp_path / "steps"), "-q")
-    assert local.returncode == 0, local.stderr
-    remote = cli("run", str(recipe), "--out", uri("steps"), "-q")
-    assert remote.returncode == 0, remote.stderr
+    recipe = run_here_and_in_s3(tmp_path, STEP_RECIPE, "steps")
     picked = local_rows(tmp_path / "steps" / "picked")
     assert picked and remote_rows(s3, "steps/picked") == picked
     keys = objects(s3, "steps")

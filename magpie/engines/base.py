@@ -122,6 +122,25 @@ class Engine(Protocol):
         ...
 
 
+StopWhen = Callable[[int, list[Completion]], bool]
+"""`until(request_index, completions)`: called as each request finishes; True stops the call."""
+
+
+def generate_until(
+    engine: Engine,
+    requests: Sequence[Request],
+    on_done: ProgressCallback | None,
+    until: StopWhen,
+) -> list[list[Completion] | None]:
+    """`engine.generate`, stopped early once `until` says so where the engine can stop (it has
+    `generate_until`); None stands for a request left unfinished. Others run every request."""
+    early = getattr(engine, "generate_until", None)
+    if early is not None:
+        return early(requests, on_done, until)
+    results: list[list[Completion] | None] = list(engine.generate(requests, on_done))
+    return results
+
+
 EngineFactory = Callable[..., Engine]
 _REGISTRY: dict[str, tuple[str, str]] = {
     "llamacpp": ("magpie.engines.llamacpp", "LlamaCppEngine"),

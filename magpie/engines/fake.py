@@ -31,6 +31,7 @@ from magpie.engines.base import (
     ModelInfo,
     ProgressCallback,
     Request,
+    StopWhen,
 )
 
 CHATML = (
@@ -160,8 +161,17 @@ class FakeEngine:
     def generate(
         self, requests: Sequence[Request], on_done: ProgressCallback | None = None
     ) -> list[list[Completion]]:
-        results = []
-        for request in requests:
+        return [r if r is not None else [] for r in self.generate_until(requests, on_done, None)]
+
+    def generate_until(
+        self,
+        requests: Sequence[Request],
+        on_done: ProgressCallback | None,
+        until: StopWhen | None,
+    ) -> list[list[Completion] | None]:
+        """Requests in order until `until` says stop; the rest come back None."""
+        results: list[list[Completion] | None] = [None] * len(requests)
+        for number, request in enumerate(requests):
             self._stress(request)
             prompt_tokens = self.count_tokens(request.prompt)
             completions = []
@@ -175,9 +185,11 @@ class FakeEngine:
                         completion_tokens=self.count_tokens(text),
                     )
                 )
-            results.append(completions)
+            results[number] = completions
             if on_done is not None:
                 on_done(1, sum(c.completion_tokens for c in completions))
+            if until is not None and until(number, completions):
+                break
         return results
 
     def close(self) -> None:

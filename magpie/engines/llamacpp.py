@@ -22,6 +22,7 @@ from magpie.engines.base import (
     ModelInfo,
     ProgressCallback,
     Request,
+    StopWhen,
     check_prompt_fits,
     first_token_ids,
 )
@@ -180,6 +181,17 @@ class LlamaCppEngine:
     def generate(
         self, requests: Sequence[Request], on_done: ProgressCallback | None = None
     ) -> list[list[Completion]]:
+        results = self.generate_until(requests, on_done, None)
+        return [r if r is not None else [] for r in results]
+
+    def generate_until(
+        self,
+        requests: Sequence[Request],
+        on_done: ProgressCallback | None,
+        until: StopWhen | None,
+    ) -> list[list[Completion] | None]:
+        """`generate`, stopped once `until(request_index, completions)` returns True: requests
+        not finished by then come back None (see `engines.base.generate_until`)."""
         if self._decoder is None:
             raise EngineError("this engine was loaded with vocab_only=True and cannot generate")
         specs: list[SeqSpec] = []
@@ -194,34 +206,43 @@ class LlamaCppEngine:
                 owner.append(number)
         left = [r.n for r in requests]
         produced = [0] * len(requests)
+        done: list[list[Completion | None]] = [[None] * r.n for r in requests]
+        first = [0] * len(requests)  # index of each request's first sequence
+        for index in range(len(specs) - 1, -1, -1):
+            first[owner[index]] = index
 
-        def finished(index: int, result: SeqResult) -> None:
+        def finished(index: int, result: SeqResult) -> bool:
             number = owner[index]
             left[number] -= 1
             produced[number] += result.completion_tokens
-            if left[number] == 0 and on_done is not None:
+            done[number][index - first[number]] = _completion(specs[index], result)
+            if left[number]:
+                return False
+            if on_done is not None:
                 on_done(1, produced[number])
+            return until is not None and until(number, [c for c in done[number] if c is not None])
 
-        results = self._decoder.run(specs, finished)
-        completions: list[list[Completion]] = [[] for _ in requests]
-        for index, (spec, result) in enumerate(zip(specs, results, strict=True)):
-            completions[owner[index]].append(
-                Completion(
-                    text=result.text,
-                    finish_reason="length" if result.finish_reason == "length" else "stop",
-                    prompt_tokens=len(spec.tokens),
-                    completion_tokens=result.completion_tokens,
-                    top_logprobs=result.top_logprobs,
-                )
-            )
+        self._decoder.run(specs, finished)
         if on_done is not None:
             for request in requests:
                 if request.n == 0:
                     on_done(1, 0)
-        return completions
+        return [
+            [c for c in d if c is not None] if not left[i] else None for i, d in enumerate(done)
+        ]
 
     def close(self) -> None:
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
         self._llm.close()
+
+
+def _completion(spec: SeqSpec, result: SeqResult) -> Completion:
+    return Completion(
+        text=result.text,
+        finish_reason="length" if result.finish_reason == "length" else "stop",
+        prompt_tokens=len(spec.tokens),
+        completion_tokens=result.completion_tokens,
+        top_logprobs=result.top_logprobs,
+    )

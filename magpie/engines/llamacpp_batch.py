@@ -165,9 +165,10 @@ class BatchDecoder:
     def run(
         self,
         specs: Sequence[SeqSpec],
-        on_finish: Callable[[int, SeqResult], None] | None = None,
-    ) -> list[SeqResult]:
-        """Complete every sequence; `on_finish(index, result)` is called as each one ends."""
+        on_finish: Callable[[int, SeqResult], bool | None] | None = None,
+    ) -> list[SeqResult | None]:
+        """Complete every sequence; `on_finish(index, result)` is called as each one ends, and
+        when it returns True the call stops: sequences not finished by then come back None."""
         results: list[SeqResult | None] = [None] * len(specs)
         if not specs:
             return []
@@ -180,7 +181,8 @@ class BatchDecoder:
         free = list(range(self.n_seq))
         running: list[_Live] = []
         queued = 0
-        while queued < len(order) or running:
+        stopped = False
+        while (queued < len(order) or running) and not stopped:
             # admit waiting sequences, in order, while a slot and their KV cells are free
             while queued < len(order) and free:
                 group, index = order[queued]
@@ -246,10 +248,13 @@ class BatchDecoder:
                     cells_used -= live.group.shared
                 live.sampler.close()
                 results[live.index] = live.result
-                if on_finish is not None:
-                    on_finish(live.index, live.result)
+                if on_finish is not None and on_finish(live.index, live.result):
+                    stopped = True
             running = still
-        return [r for r in results if r is not None]
+        for live in running:  # stopped early: drop the sequences still running
+            llama_cpp.llama_memory_seq_rm(self._memory, live.slot, -1, -1)
+            live.sampler.close()
+        return results
 
     def close(self) -> None:
         if self._batch is not None:

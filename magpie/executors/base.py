@@ -89,7 +89,8 @@ class RunSummary:
         self.tokens += info.get("tokens", 0)
         self.rejections.update(info.get("rejections", {}))
         if "attempts" in info:
-            self.attempts += info["attempts"][1] - info["attempts"][0]
+            span = info["attempts"][1] - info["attempts"][0]
+            self.attempts += info.get("attempts_run", span)
         if new:
             self.new_rows += info["rows"]
             self.new_tokens += info.get("tokens", 0)
@@ -158,6 +159,8 @@ class Gate(Protocol):
     def observe(self, rows: pa.Table | None) -> None: ...
 
     def accept(self, out: TransformOutput) -> tuple[TransformOutput, dict[str, Any]]: ...
+
+    def remaining(self) -> tuple[int, set[str]]: ...
 
 
 @dataclass
@@ -250,6 +253,11 @@ class Driver:
         return bool(span) and span[1] < planned[-1].as_py() + 1
 
     @property
+    def next_block(self) -> int:
+        """The block a gate accepts next (the ones before it are committed and counted)."""
+        return self._next
+
+    @property
     def done(self) -> bool:
         """No more shards need running (a gate may stop a source early)."""
         gate = self.job.gate
@@ -271,7 +279,8 @@ class Driver:
             accepted, extra = self.job.gate.accept(block)
             attempts = self.job.slice(self._next).column("attempt")
             span = [attempts[0].as_py(), attempts[-1].as_py() + 1]
-            self._commit(self._next, accepted, {"attempts": span, **extra})
+            ran = {} if block.attempts_run is None else {"attempts_run": block.attempts_run}
+            self._commit(self._next, accepted, {"attempts": span, **ran, **extra})
             self._next += 1
         if self.job.gate.done:
             self._held.clear()

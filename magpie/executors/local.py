@@ -33,9 +33,12 @@ class LocalExecutor:
         check_columns(job, stage.required_columns)
         driver = Driver(job, job.open_store(identity))
         progress: Any = _LiveProgress(job)
+        aim = getattr(stage, "aim", None) if job.gate is not None else None
         for index in driver.pending:
             if driver.done:
                 break
+            if aim is not None and driver.next_block == index:  # the gate takes it next
+                aim(*job.gate.remaining())  # type: ignore[union-attr]
             driver.complete(index, stage(job.slice(index), progress))
         return driver.finish()
 

@@ -38,6 +38,8 @@ class TransformOutput:
     rejected: pa.Table | None = None
     tokens: int = 0
     rejections: dict[str, int] = field(default_factory=dict)
+    attempts_run: int | None = None
+    """Instruction blocks: attempts generated, when a block stopped early (else all of it)."""
 
 
 class Stage(Protocol):

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from magpie.config import InstructionsConfig
-from magpie.engines.base import Completion, Engine, ProgressCallback, Request, Sampling
+from magpie.engines.base import (
+    Completion,
+    Engine,
+    ProgressCallback,
+    Request,
+    Sampling,
+    StopWhen,
+    generate_until,
+)
 from magpie.errors import MagpieError
 from magpie.sanitize import sanitize_instruction
 from magpie.schema import REJECTED_SCHEMA, instructions_schema, row_uuid
@@ -54,6 +62,8 @@ class ShardOutput:
     rejected: pa.Table
     tokens: int
     rejections: Counter[str] = field(default_factory=Counter)
+    attempts_run: int | None = None
+    """Attempts generated when an aimed block stopped early (None: every attempt ran)."""
 
 
 @dataclass
@@ -91,6 +101,9 @@ class InstructionStage:
                 + [s for s in chat_format.stops if s]
             )
         )
+        self._target: tuple[int, set[str]] | None = None
+        self._stop_at: tuple[int, set[str]] | None = None
+        self._ran: int | None = None
         for text in config.first_token_ban:  # checked before any output is opened
             count = engine.count_tokens(text)
             if count != 1:
@@ -136,11 +149,28 @@ class InstructionStage:
         """Run the attempts of a block (its `attempt` column); see `run`."""
         out = self.run(rows.column("attempt").to_pylist(), progress.on_done)
         return TransformOutput(
-            rows=out.rows, rejected=out.rejected, tokens=out.tokens, rejections=dict(out.rejections)
+            rows=out.rows,
+            rejected=out.rejected,
+            tokens=out.tokens,
+            rejections=dict(out.rejections),
+            attempts_run=out.attempts_run,
         )
+
+    def aim(self, needed: int, seen: set[str]) -> None:
+        """For the next block only: the driver still needs `needed` rows and has the dedup keys
+        `seen` (read, not copied: the block runs before the driver commits anything else).
+
+        A single-turn block then stops generating once its attempts, taken in order, hold that
+        many new rows; the attempts after them could only be trimmed away by the gate, so the
+        committed rows are those of the whole block. Multi-turn blocks run whole.
+        """
+        self._target = (needed, seen)
 
     def run(self, attempts: Sequence[int], on_done: ProgressCallback | None = None) -> ShardOutput:
         """Run `attempts` through every turn; rows are deduplicated within the block."""
+        target, self._target = self._target, None
+        self._stop_at = target if self.config.turns == 1 else None
+        self._ran: int | None = None
         live = [_Attempt(a, attempt_seed(self.config.seed, a, 1)) for a in attempts]
         rejected: list[dict] = []
         tokens = 0
@@ -169,6 +199,7 @@ class InstructionStage:
             rejected=pa.Table.from_pylist(rejected, schema=REJECTED_SCHEMA),
             tokens=tokens,
             rejections=Counter(r["reason"] for r in rejected),
+            attempts_run=self._ran,
         )
 
     def _query(
@@ -186,9 +217,17 @@ class InstructionStage:
             )
             for a in live
         ]
-        results = self.engine.generate(requests, on_done) if requests else []
+        if self._stop_at is not None and turn == 1 and requests:
+            results = generate_until(self.engine, requests, on_done, self._enough(*self._stop_at))
+            ran = sum(r is not None for r in results)
+            self._ran = ran if ran < len(requests) else None
+        else:
+            results = self.engine.generate(requests, on_done) if requests else []
         kept, used = [], 0
-        for attempt, (completion,) in zip(live, results, strict=True):
+        for attempt, result in zip(live, results, strict=True):
+            if result is None:  # not run: the block had enough rows before it
+                continue
+            (completion,) = result
             used += completion.completion_tokens
             text = self.user_text(completion)
             reason = self.rejection_reason(completion, text)
@@ -201,6 +240,28 @@ class InstructionStage:
                 attempt.raw = completion.text
             kept.append(attempt)
         return kept, used
+
+    def _enough(self, needed: int, seen: set[str]) -> StopWhen:
+        """Stop rule of an aimed block: true once the attempts finished so far, in order from
+        the first, hold `needed` rows that are new to the driver and to the block."""
+        finished: dict[int, Completion] = {}
+        keys: set[str] = set()
+        state = {"next": 0, "rows": 0}
+
+        def until(index: int, completions: list[Completion]) -> bool:
+            finished[index] = completions[0]
+            while state["next"] in finished:
+                completion = finished.pop(state["next"])
+                state["next"] += 1
+                text = self.user_text(completion)
+                key = dedup_key(text)
+                fresh = key not in seen and key not in keys
+                if fresh and self.rejection_reason(completion, text) is None:
+                    keys.add(key)
+                    state["rows"] += 1
+            return state["rows"] >= needed
+
+        return until
 
     def _reply(
         self,
@@ -282,6 +343,10 @@ class InstructionGate:
     @property
     def done(self) -> bool:
         return self.rows >= self.num
+
+    def remaining(self) -> tuple[int, set[str]]:
+        """Rows still wanted and the dedup keys already taken (for `InstructionStage.aim`)."""
+        return self.num - self.rows, self.seen
 
     def observe(self, rows: pa.Table | None) -> None:
         """Account for a block an earlier run committed."""
