@@ -1,6 +1,8 @@
 """Instruction synthesis throughput: the pipeline vs. raw llama.cpp, single-stream and batched.
 
-Three runs on the same bundled model, pre-query prompt, sampling and seeds:
+Three runs on the same bundled model, pre-query prompt, sampling and seeds (the pipeline and the
+raw batched driver on the weights the engine runs, F16 by default; single-stream on the shipped
+Q4_1 file, the faster type one sequence at a time):
 - pipeline: `magpie instructions` (batched engine + checks + Parquet shards + manifest);
 - raw batched: llama.cpp's batch API driven directly (this file's own driver: the prefix
   evaluated once and its KV shared, one sampler chain per sequence, `--batch` sequences per
@@ -25,7 +27,7 @@ import llama_cpp
 from rich.console import Console
 
 from magpie.config import InstructionsConfig
-from magpie.engines.llamacpp import DEFAULT_BATCH_SIZE, LlamaCppEngine
+from magpie.engines.llamacpp import DEFAULT_BATCH_SIZE, LlamaCppEngine, bundled_model_path
 from magpie.runner import ProgressView, run_source
 from magpie.stages.instructions import InstructionStage, attempt_seed
 from magpie.store import ShardStore
@@ -49,9 +51,12 @@ def run_pipeline(engine: LlamaCppEngine, config: InstructionsConfig) -> tuple[fl
 
 
 def run_single(engine: LlamaCppEngine, config: InstructionsConfig, attempts: int):
-    """One attempt at a time through llama-cpp-python's high-level API (the old engine)."""
+    """One attempt at a time through llama-cpp-python's high-level API on the GGUF as shipped
+    (the old engine, and what a llama.cpp user runs; Q4_1 is the faster type single-stream)."""
     fmt = _format(engine)
-    llm = engine._llm
+    llm = llama_cpp.Llama(
+        model_path=str(bundled_model_path()), n_ctx=1024, verbose=False, n_threads=_threads()
+    )
     tokens = llm.tokenize(fmt.pre_query.encode(), add_bos=False, special=True)
     generated = 0
     started = time.perf_counter()
@@ -67,7 +72,13 @@ def run_single(engine: LlamaCppEngine, config: InstructionsConfig, attempts: int
             seed=attempt_seed(config.seed, attempt, 1),
         )
         generated += out["usage"]["completion_tokens"]
-    return time.perf_counter() - started, generated
+    seconds = time.perf_counter() - started
+    llm.close()
+    return seconds, generated
+
+
+def _threads() -> int:
+    return int(os.environ.get("MAGPIE_N_THREADS") or os.cpu_count() or 1)
 
 
 def run_raw_batched(engine: LlamaCppEngine, config: InstructionsConfig, attempts: int, batch: int):
@@ -77,10 +88,10 @@ def run_raw_batched(engine: LlamaCppEngine, config: InstructionsConfig, attempts
     model, vocab = llm._model, llm._model.vocab
     prompt = llm.tokenize(fmt.pre_query.encode(), add_bos=False, special=True)
     params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
-    params.n_ctx = max(512 * batch, 2048)
-    params.n_batch = params.n_ubatch = 512
     params.n_seq_max = batch + 1
-    params.kv_unified = True
+    params.n_ctx = 512 * params.n_seq_max
+    params.n_batch = params.n_ubatch = 512
+    params.kv_unified = False  # a KV stream per sequence, as the engine runs them
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     ctx = llama_cpp.llama_init_from_model(model.model, params)
     mem = llama_cpp.llama_get_memory(ctx)
@@ -113,8 +124,14 @@ def run_raw_batched(engine: LlamaCppEngine, config: InstructionsConfig, attempts
                 ):
                     llama_cpp.llama_sampler_chain_add(chain, sampler)
                 waiting.pop(0)
-                llama_cpp.llama_memory_seq_cp(mem, root, slot, 0, len(prompt) - 1)
+                llama_cpp.llama_memory_seq_cp(mem, root, slot, -1, -1)
                 live[slot] = [chain, prompt[-1], len(prompt) - 1, b"", 0]
+        while live and not waiting and max(live) >= len(live):  # keep slots 0..k-1
+            gap = min(set(range(len(live))) - set(live))
+            top = max(live)
+            llama_cpp.llama_memory_seq_cp(mem, top, gap, -1, -1)
+            llama_cpp.llama_memory_seq_rm(mem, top, -1, -1)
+            live[gap] = live.pop(top)
         order = sorted(live)
         decode([(live[s][1], live[s][2], s, True) for s in order])
         for i, slot in enumerate(order):
@@ -158,6 +175,7 @@ def main() -> None:
     )
     engine = LlamaCppEngine(batch_size=args.batch)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; batch {args.batch}")
+    print(f"engine weights: {engine.weights.kind} ({engine.weights.reason})")
     for round_ in range(args.rounds):
         seconds, attempts, tokens = run_pipeline(engine, config)
         raw_seconds, raw_tokens = run_raw_batched(engine, config, attempts, args.batch)

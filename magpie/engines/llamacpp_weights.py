@@ -1,0 +1,127 @@
+"""Which weights llama.cpp runs: the GGUF as given, or a copy in a faster type, made once.
+
+On CPUs, llama.cpp's batched matrix kernels are much faster for some weight types than for
+others. Measured on a 2-core AMD EPYC (AVX2) with SmolLM2-135M, raw decode tokens/s at 1 / 32 /
+64 sequences per step (`bench/weights.py`): Q4_1 (the bundled file) 96 / 170 / 177, Q4_0
+124 / 336 / 328, Q8_0 97 / 284 / 355, F16 64 / 394 / 438. Our engine decodes 32 sequences at a
+time, so the bundled Q4_1 file is best run as F16: its 4-bit values and their scales convert to
+F16 almost exactly (the model is the same; only llama.cpp's kernels change).
+
+The engine option `weights` picks: `auto` (default: an F16 copy for a quantized model whose copy
+stays under `AUTO_F16_MAX_BYTES`, else the file), `file` (the file as given), `f16` or `q8_0`.
+Copies are written once to `~/.cache/magpie/models/` (atomically) and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from magpie.cache import cache_root
+from magpie.errors import MagpieError
+
+WEIGHTS = ("auto", "file", "f16", "q8_0")
+AUTO_F16_MAX_BYTES = 1 << 30
+"""`auto` converts only models whose F16 copy is at most this big (about 500M parameters)."""
+
+# llama.cpp file types (enum llama_ftype) and about how many bits a weight takes in each
+_FTYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1"}
+_FTYPE_NAMES.update({10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S"})
+_FTYPE_NAMES.update({15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"})
+_BITS = {0: 32, 1: 16, 2: 4.5, 3: 5.0, 7: 8.5, 8: 5.5, 9: 6.0, 10: 2.6, 11: 3.4, 12: 3.9}
+_BITS.update({13: 4.3, 14: 4.6, 15: 4.9, 16: 5.5, 17: 5.7, 18: 6.6, 32: 16})
+_UNQUANTIZED = {0, 1, 32}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The file llama.cpp loads and how it came to be."""
+
+    path: Path
+    kind: str
+    """`file`, or the type of the copy (`f16`, `q8_0`)."""
+    source_type: str
+    reason: str
+
+    def label(self) -> str:
+        """Short text for a model id: empty when the file runs as given."""
+        return "" if self.kind == "file" else f"run as {self.kind.upper()}"
+
+
+def file_type(path: Path) -> int | None:
+    """The GGUF's `general.file_type` (llama.cpp's ftype), read without loading tensors."""
+    import contextlib
+    import io
+
+    from llama_cpp import Llama
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        value = vocab.metadata.get("general.file_type")
+    finally:
+        vocab.close()
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def resolve_weights(path: Path, requested: str | None = None) -> Weights:
+    """The weights to load for the GGUF at `path` (converting once when asked or when `auto`
+    says so)."""
+    name = (requested or os.environ.get("MAGPIE_LLAMACPP_WEIGHTS") or "auto").strip().lower()
+    if name not in WEIGHTS:
+        raise MagpieError(
+            f"unknown engine option weights={name!r}: use one of {', '.join(WEIGHTS)}"
+        )
+    if name == "file":
+        return Weights(path, "file", "?", "engine option weights=file")
+    ftype = file_type(path)
+    type_name = _FTYPE_NAMES.get(ftype, f"ftype {ftype}") if ftype is not None else "unknown"
+    if name == "auto":
+        if ftype is None or ftype in _UNQUANTIZED or ftype not in _BITS:
+            return Weights(path, "file", type_name, f"auto: {type_name} runs as given")
+        f16_bytes = path.stat().st_size * 16 / _BITS[ftype]
+        if f16_bytes > AUTO_F16_MAX_BYTES:
+            return Weights(path, "file", type_name, "auto: an F16 copy would be too big")
+        name = "f16"
+        reason = f"auto: {type_name} has slow batched CPU kernels; F16 decodes batches faster"
+    else:
+        reason = f"engine option weights={name}"
+    return Weights(converted(path, name), name, type_name, reason)
+
+
+def converted(path: Path, kind: str) -> Path:
+    """The cached copy of `path` in type `kind` (`f16` or `q8_0`), made now if missing."""
+    import llama_cpp
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{llama_cpp.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{path.stem}.{digest}.{kind}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    types = {"f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
+    params.ftype = types[kind]
+    params.allow_requantize = True
+    params.nthread = max(1, os.cpu_count() or 1)
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    try:
+        with suppress_stdout_stderr(disable=False):
+            code = llama_cpp.llama_model_quantize(str(path).encode(), str(tmp).encode(), params)
+        if code != 0 or not tmp.is_file():
+            raise MagpieError(
+                f"llama.cpp could not convert {path} to {kind.upper()} (code {code}): "
+                "pass the engine option weights=file"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

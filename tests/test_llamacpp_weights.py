@@ -1,0 +1,82 @@
+"""Which weights llama.cpp runs: the bundled Q4_1 file as an F16 copy by default, cached."""
+
+from __future__ import annotations
+
+import pytest
+
+from magpie.engines.base import Request, Sampling
+from magpie.engines.llamacpp import LlamaCppEngine, bundled_model_path
+from magpie.engines.llamacpp_weights import file_type, resolve_weights
+from magpie.errors import MagpieError
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAGPIE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MAGPIE_LLAMACPP_WEIGHTS", raising=False)
+    return tmp_path / "cache"
+
+
+def test_auto_runs_the_bundled_model_as_a_cached_f16_copy(cache) -> None:
+    source = bundled_model_path()
+    assert file_type(source) == 3  # Q4_1
+    chosen = resolve_weights(source)
+    assert chosen.kind == "f16" and chosen.source_type == "Q4_1"
+    assert chosen.path.parent == cache / "models" and file_type(chosen.path) == 1  # F16
+    made = chosen.path.stat().st_mtime_ns
+    again = resolve_weights(source)
+    assert again.path == chosen.path and again.path.stat().st_mtime_ns == made  # reused
+    assert resolve_weights(chosen.path).kind == "file"  # an F16 file runs as given
+    assert not list((cache / "models").glob(".*tmp*"))
+
+
+def test_weights_option_file_keeps_the_model_id_and_changes_the_text(cache) -> None:
+    request = Request(
+        "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n",
+        Sampling(temperature=0.0, max_tokens=12),
+        seed=0,
+    )
+    as_file = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, weights="file")
+    f16 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1)
+    try:
+        assert "run as" not in as_file.info.model_id
+        assert f16.info.model_id.endswith("(run as F16)")  # part of every dataset's identity
+        assert f16.weights.kind == "f16" and as_file.weights.kind == "file"
+        for engine in (as_file, f16):
+            text = engine.generate([request])[0][0].text
+            assert text.strip() and text == engine.generate([request])[0][0].text
+    finally:
+        as_file.close()
+        f16.close()
+
+
+def test_unknown_weights_value_is_one_line(cache) -> None:
+    with pytest.raises(MagpieError, match="weights='int3'.*auto, file, f16, q8_0"):
+        resolve_weights(bundled_model_path(), "int3")
+
+
+def test_a_moved_sequence_keeps_its_kv(cache) -> None:
+    """Short sequences finish first; the long one in the last slot is moved to slot 0 (its KV
+    stream copied) and must go on as if it had run alone."""
+    engine = LlamaCppEngine(n_ctx=512, batch_size=4, n_threads=1)
+    try:
+        long = Request(
+            "<|im_start|>user\nCount from one to twenty in words.<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            Sampling(temperature=0.0, max_tokens=40),
+            seed=0,
+        )
+        short = [
+            Request(
+                f"<|im_start|>user\nSay {w}.<|im_end|>\n<|im_start|>assistant\n",
+                Sampling(temperature=0.0, max_tokens=2),
+                seed=0,
+            )
+            for w in ("yes", "no", "maybe")
+        ]
+        together = engine.generate([*short, long])[3][0].text
+        alone = engine.generate([long])[0][0].text
+        assert len(alone) > 40
+        assert together[:40] == alone[:40]
+    finally:
+        engine.close()
