@@ -13,9 +13,10 @@ One `BatchDecoder.run` call completes a list of sequences (a prompt, its samplin
   longest prompt + max_tokens: attention then reads only a sequence's own cells. (A unified
   cache makes every token scan every sequence's cells: at 64 sequences that scan cost more than
   the model itself.) Copying a prefix between streams copies the stream, then trims it;
-- each sequence has its own sampler chain (the same chain llama-cpp-python builds: penalties,
-  grammar, then greedy or top-k/typical/top-p/min-p/temperature/dist with its seed); the first
-  generated token's logits can be steered first (banned ids, a temperature boost).
+- each sequence has its own sampler chain (the chain llama-cpp-python builds: penalties, then
+  greedy or top-k/typical/top-p/min-p/temperature/dist with its seed); a JSON schema's grammar
+  checks the chain's pick and is applied to the whole vocabulary only when it refuses it; the
+  first generated token's logits can be steered first (banned ids, a temperature boost).
 
 Determinism: the KV cache is cleared at the start of every call and the schedule depends only on
 the sequences and the decoder's settings, so a call's results depend only on its inputs (the
