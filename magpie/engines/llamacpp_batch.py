@@ -152,6 +152,7 @@ class BatchDecoder:
         self._pieces: dict[int, bytes] = {}
         self._kinds: dict[int, int] = {}
         self._grammars: dict[str, tuple[bytes, bytes]] = {}
+        self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
         self._context_for(MIN_STREAM_CELLS)
 
     def _context_for(self, need: int) -> None:
@@ -448,7 +449,7 @@ class BatchDecoder:
         """A `llama_token_data_array` over all tokens (or over `token` alone) and its buffer."""
         if token is None:
             data = np.empty(self._n_vocab, dtype=_TOKEN_DATA)
-            data["id"] = np.arange(self._n_vocab, dtype=np.int32)
+            data["id"] = self._token_ids
             data["logit"] = logits
         else:
             data = np.array([(token, 0.0, 0.0)], dtype=_TOKEN_DATA)
