@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 
 VLLM_VENV := .venv-vllm
 
-.PHONY: demo test test-vllm lint bench venv-core venv-dev llama-cpp doctor clean browser
+.PHONY: demo test test-slow test-vllm lint bench venv-core venv-dev llama-cpp doctor clean browser
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ browser:
 test: $(VENV)/.dev browser
 	$(VENV)/bin/ruff check magpie tests bench
 	$(PY) -m pytest -q $(ARGS)
+
+## test-slow: the slow tier in .venv (README walk, recipe miniatures, signals, Ray into S3, the
+## 100K-row viewer); the vLLM tests of this tier run in `make test-vllm`
+test-slow: $(VENV)/.dev browser
+	$(PY) -m pytest -q -m slow --ignore=tests/test_vllm_engine.py --ignore=tests/test_vllm_serve.py $(ARGS)
 
 # vLLM (CPU build) lives in its own venv: it pins transformers and pulls torchvision/torchaudio/
 # torchcodec builds that break imports beside the CPU torch, so those three are removed.

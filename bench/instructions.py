@@ -6,7 +6,9 @@ Q4_1 file, the faster type one sequence at a time):
 - pipeline: `magpie instructions` (batched engine + checks + Parquet shards + manifest);
 - raw batched: llama.cpp's batch API driven directly (this file's own driver: the prefix
   evaluated once and its KV shared, one sampler chain per sequence, `--batch` sequences per
-  decode), the ceiling the pipeline should reach (target pipeline/raw-batched >= 0.95);
+  decode) over the pipeline's attempt blocks one after another, the ceiling the pipeline should
+  reach (target pipeline/raw-batched >= 0.95); and once more over all attempts as one pool (no
+  block tails: what exact resume by fixed attempt blocks costs);
 - raw single-stream: llama-cpp-python's `create_completion` one attempt at a time, what the
   engine did before batching (target pipeline/single >= 3 at the default batch).
 The machine may be shared: the load average is printed, and the runs are interleaved
@@ -21,7 +23,9 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 from rich.console import Console
@@ -81,11 +85,14 @@ def _threads() -> int:
     return int(os.environ.get("MAGPIE_N_THREADS") or os.cpu_count() or 1)
 
 
-def run_raw_batched(engine: LlamaCppEngine, config: InstructionsConfig, attempts: int, batch: int):
-    """The same attempts through llama.cpp's batch API, written directly against it."""
+def run_raw_batched(
+    engine: LlamaCppEngine, config: InstructionsConfig, blocks: list[list[int]], batch: int
+):
+    """The same attempts through llama.cpp's batch API, written directly against it: each of
+    `blocks` (attempt numbers) runs as one pool of `batch` slots, one block after another."""
     fmt = _format(engine)
     llm = engine._llm
-    model, vocab = llm._model, llm._model.vocab
+    model = llm._model
     prompt = llm.tokenize(fmt.pre_query.encode(), add_bos=False, special=True)
     params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
     params.n_seq_max = batch + 1
@@ -108,7 +115,28 @@ def run_raw_batched(engine: LlamaCppEngine, config: InstructionsConfig, attempts
     started = time.perf_counter()
     root = batch  # the prompt minus its last token lives in this sequence
     decode([(t, p, root, False) for p, t in enumerate(prompt[:-1])])
-    waiting = list(range(attempts))
+    generated = 0
+    for block in blocks:
+        generated += _run_pool(config, llm, ctx, mem, decode, prompt, stops, list(block), batch)
+    seconds = time.perf_counter() - started
+    llama_cpp.llama_batch_free(lb)
+    llama_cpp.llama_free(ctx)
+    return seconds, generated
+
+
+def _run_pool(
+    config: InstructionsConfig,
+    llm: Any,
+    ctx: Any,
+    mem: Any,
+    decode: Callable[[list[tuple[int, int, int, bool]]], None],
+    prompt: list[int],
+    stops: list[bytes],
+    waiting: list[int],
+    batch: int,
+) -> int:
+    """Run the attempts `waiting` in `batch` slots (continuous batching); tokens generated."""
+    vocab, root = llm._model.vocab, batch
     live: dict[int, list] = {}  # slot -> [sampler, next token, position, text, count]
     generated = 0
     while waiting or live:
@@ -150,10 +178,7 @@ def run_raw_batched(engine: LlamaCppEngine, config: InstructionsConfig, attempts
                 llama_cpp.llama_sampler_free(state[0])
                 llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
                 del live[slot]
-    seconds = time.perf_counter() - started
-    llama_cpp.llama_batch_free(lb)
-    llama_cpp.llama_free(ctx)
-    return seconds, generated
+    return generated
 
 
 def _format(engine: LlamaCppEngine):
@@ -178,17 +203,23 @@ def main() -> None:
     print(f"engine weights: {engine.weights.kind} ({engine.weights.reason})")
     for round_ in range(args.rounds):
         seconds, attempts, tokens = run_pipeline(engine, config)
-        raw_seconds, raw_tokens = run_raw_batched(engine, config, attempts, args.batch)
+        numbers = list(range(attempts))
+        blocks = [numbers[i : i + args.shard_size] for i in range(0, attempts, args.shard_size)]
+        raw_seconds, raw_tokens = run_raw_batched(engine, config, blocks, args.batch)
+        pool_seconds, pool_tokens = run_raw_batched(engine, config, [numbers], args.batch)
         pipe_tps, raw_tps = tokens / seconds, raw_tokens / raw_seconds
+        pool_tps = pool_tokens / pool_seconds
         print(f"[{round_}] pipeline : {args.rows} rows, {attempts} attempts, {seconds:.1f} s")
         print(f"    {args.rows / seconds:.2f} instructions/s, {pipe_tps:.1f} tokens/s")
-        print(f"    raw batched : {raw_seconds:.1f} s, {raw_tps:.1f} tokens/s")
+        print(f"    raw batched : {raw_seconds:.1f} s, {raw_tps:.1f} tokens/s (the same blocks)")
+        print(f"    raw one pool: {pool_seconds:.1f} s, {pool_tps:.1f} tokens/s (no blocks)")
         if not args.skip_single:
             one_seconds, one_tokens = run_single(engine, config, attempts)
             one_tps = one_tokens / one_seconds
             print(f"    raw single  : {one_seconds:.1f} s, {one_tps:.1f} tokens/s")
             print(f"    pipeline / raw single  : {pipe_tps / one_tps:.2f}x tokens/s")
         print(f"    pipeline / raw batched : {pipe_tps / raw_tps:.3f}")
+        print(f"    pipeline / raw one pool: {pipe_tps / pool_tps:.3f}")
         print(f"    load average now {os.getloadavg()[0]:.1f}")
     engine.close()
 

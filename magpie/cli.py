@@ -712,7 +712,9 @@ def tag(
     ] = 20,
     index: Annotated[str, typer.Option(help="k-NN index: auto, flat, ivf or hnsw.")] = "auto",
     seed: SeedOpt = 0,
-    shard_size: Annotated[int, typer.Option(help="Rows per committed shard.")] = 16,
+    shard_size: Annotated[
+        int, typer.Option(help="Rows per committed shard (a judge tag decodes them together).")
+    ] = 64,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     executor: ExecutorOpt = None,

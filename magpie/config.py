@@ -201,7 +201,7 @@ class TagConfig(_Strict):
     neighbor_k: int = Field(20, gt=0, le=1000)
     index: str = Field("auto", pattern="^(auto|flat|ivf|hnsw)$")
     seed: int = Field(0, ge=0)
-    shard_size: int = Field(16, gt=0)
+    shard_size: int = Field(64, gt=0, description="rows per committed shard (decoded together)")
 
     @field_validator("tags")
     @classmethod

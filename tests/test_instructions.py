@@ -146,6 +146,8 @@ def test_multi_turn_conversations(tmp_path: Path) -> None:
         "math",
         "--max-tokens",
         "96",
+        "--shard-size",
+        "8",  # a block of 8 attempts: two turns each are the cost of this test
         "--response-temperature",
         "0.7",
         "--response-max-tokens",

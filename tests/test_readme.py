@@ -101,6 +101,7 @@ def _run(line: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # ~2.5 min: every README example in order (CI runs the slow tier)
 def test_readme_examples_run_in_order(tmp_path: Path) -> None:
     for line in readme_commands(README.read_text()):
         print(line, flush=True)  # shown with -s: where a slow walk is

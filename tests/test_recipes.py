@@ -90,6 +90,7 @@ def check_result(name: str, out: Path, cache: Path) -> list[dict]:
     return steps
 
 
+@pytest.mark.slow  # ~45 s: three recipe miniatures end to end (CI runs the slow tier)
 def test_cpu_miniatures_end_to_end_sharing_the_pro_pool(tmp_path: Path) -> None:
     """Pro-1M runs whole; the 300K filter, the multi-turn set and the DPO set are run into the
     same folder, as their recipes suggest, so the steps they share with it are skipped."""

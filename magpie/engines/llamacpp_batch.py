@@ -13,10 +13,12 @@ One `BatchDecoder.run` call completes a list of sequences (a prompt, its samplin
   longest prompt + max_tokens: attention then reads only a sequence's own cells. (A unified
   cache makes every token scan every sequence's cells: at 64 sequences that scan cost more than
   the model itself.) Copying a prefix between streams copies the stream, then trims it;
-- each sequence has its own sampler chain (the chain llama-cpp-python builds: penalties, then
-  greedy or top-k/typical/top-p/min-p/temperature/dist with its seed); a JSON schema's grammar
-  checks the chain's pick and is applied to the whole vocabulary only when it refuses it; the
-  first generated token's logits can be steered first (banned ids, a temperature boost).
+- plain requests (temperature, top_p = 1, no penalty, no grammar) are sampled together with
+  numpy, each from its own seeded generator (`llamacpp_sampling`); the others have their own
+  sampler chain (the chain llama-cpp-python builds: penalties, then greedy or
+  top-k/typical/top-p/min-p/temperature/dist with its seed); a JSON schema's grammar checks the
+  pick and is applied to the whole vocabulary only when it refuses it; the first generated
+  token's logits can be steered first (banned ids, a temperature boost).
 
 Determinism: the KV cache is cleared at the start of every call and the schedule depends only on
 the sequences and the decoder's settings, so a call's results depend only on its inputs (the
@@ -38,6 +40,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 
 from magpie.engines.base import EngineError, Sampling
 from magpie.engines.llamacpp_runtime import ThreadGovernor
+from magpie.engines.llamacpp_sampling import is_plain, new_generator, pick_tokens
 
 LAST_N_PENALTY = 64
 """Tokens the repetition penalty looks back over (llama-cpp-python's default)."""
@@ -87,7 +90,9 @@ class _Live:
     slot: int
     pos: int
     feed: list[int]
-    sampler: internals.LlamaSampler
+    sampler: internals.LlamaSampler | None
+    """llama.cpp's chain (None when the request samples plainly: `rng` draws its tokens)."""
+    rng: np.random.Generator | None
     grammar: Any
     """A grammar sampler checked after the chain (None without a JSON schema)."""
     stops: list[bytes]
@@ -237,7 +242,8 @@ class BatchDecoder:
                     slot=slot,
                     pos=start,
                     feed=list(spec.tokens[start:]),
-                    sampler=self._sampler(spec),
+                    sampler=None if is_plain(spec.sampling) else self._sampler(spec),
+                    rng=new_generator(spec.seed) if is_plain(spec.sampling) else None,
                     grammar=self._grammar(spec),
                     stops=[s.encode("utf-8") for s in spec.sampling.stop if s],
                     logprobs=[] if spec.sampling.logprobs is not None else None,
@@ -252,9 +258,7 @@ class BatchDecoder:
                     llama_cpp.llama_memory_seq_rm(self._memory, self._holder, -1, -1)
                     group.holder_ready = False
             self._compact(running, free)
-            sampled = self._step(running)
-            for live, batch_index in sampled:
-                self._sample(live, batch_index)
+            self._sample(self._step(running))
             # a group's holder takes prompt[:-1] once its first sequence has evaluated it
             for live in running:
                 group = live.group
@@ -422,37 +426,71 @@ class BatchDecoder:
         return llama_cpp.llama_sampler_init_grammar(self._vocab, text, root)
 
     def _release(self, live: _Live) -> None:
-        live.sampler.close()
+        if live.sampler is not None:
+            live.sampler.close()
+            live.sampler = None
         if live.grammar is not None:
             llama_cpp.llama_sampler_free(live.grammar)
             live.grammar = None
 
     def _constrained(self, live: _Live, batch_index: int) -> int:
-        """Sample under the grammar, lazily: the chain picks from all tokens and the grammar
-        checks that one token; only when it refuses is the grammar applied to the whole
-        vocabulary and the chain run again. (The grammar costs ~13 ms over SmolLM2's 49K
-        tokens and ~0.01 ms for one; greedy picks are the same either way.)"""
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, batch_index)
-        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
-        token = self._apply(live.sampler.sampler, self._candidates(logits))
-        one = self._candidates(None, token)
-        llama_cpp.llama_sampler_apply(live.grammar, ctypes.byref(one[0]))
-        if one[1][0]["logit"] == -np.inf:
-            cur = self._candidates(logits)
-            llama_cpp.llama_sampler_apply(live.grammar, ctypes.byref(cur[0]))
-            token = self._apply(live.sampler.sampler, cur)
-        llama_cpp.llama_sampler_accept(live.sampler.sampler, token)
+        """Sample under the grammar, lazily. Greedy: the best token the grammar allows, looked
+        for among the top tokens first (`_greedy_allowed`). Else the chain picks from all
+        tokens and the grammar checks that one; only when it refuses is the grammar applied to
+        the whole vocabulary and the chain run again. (The grammar costs ~13 ms over SmolLM2's
+        49K tokens and ~0.01 ms for one; the picks are those of the grammar applied first.)"""
+        assert live.sampler is not None
+        sampling = live.spec.sampling
+        logits = self._logits(batch_index)
+        if sampling.temperature == 0.0 and sampling.repetition_penalty == 1.0:
+            token = self._greedy_allowed(live.grammar, logits)
+        else:
+            chain = live.sampler.sampler
+            token = self._apply(chain, self._candidates(logits))
+            one = self._candidates(None, np.array([token]))
+            llama_cpp.llama_sampler_apply(live.grammar, ctypes.byref(one[0]))
+            if one[1][0]["logit"] == -np.inf:
+                cur = self._candidates(logits)
+                llama_cpp.llama_sampler_apply(live.grammar, ctypes.byref(cur[0]))
+                token = self._apply(chain, cur)
+            llama_cpp.llama_sampler_accept(chain, token)
         llama_cpp.llama_sampler_accept(live.grammar, token)
         return token
 
-    def _candidates(self, logits: Any, token: int | None = None) -> tuple[Any, np.ndarray]:
-        """A `llama_token_data_array` over all tokens (or over `token` alone) and its buffer."""
-        if token is None:
+    def _greedy_allowed(self, grammar: Any, logits: np.ndarray) -> int:
+        """The highest-logit token the grammar allows, the first id on ties (llama.cpp's greedy
+        pick after the grammar). The grammar checks the top 1, 16 and 512 tokens before the
+        whole vocabulary: a model often wants a token the grammar refuses (a quote style, a
+        space), and its best allowed token is nearly always among the next few."""
+        for k in (1, 16, 512, self._n_vocab):
+            if k == 1:
+                ids = np.array([np.argmax(logits)])
+            elif k < self._n_vocab:
+                ids = np.argpartition(logits, -k)[-k:]
+            else:
+                ids = None
+            cur = self._candidates(logits, ids)
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur[0]))
+            allowed = cur[1]["logit"] != -np.inf
+            if not allowed.any():
+                continue
+            best = cur[1]["logit"][allowed].max()
+            # tokens outside the top k have logits <= its lowest: strictly above it, none ties
+            if ids is None or k == 1 or best > logits[ids].min():
+                return int(cur[1]["id"][allowed & (cur[1]["logit"] == best)].min())
+        raise EngineError("the JSON grammar allows no token: the schema cannot be completed")
+
+    def _candidates(self, logits: Any, ids: np.ndarray | None = None) -> tuple[Any, np.ndarray]:
+        """A `llama_token_data_array` over all tokens (or over `ids`) with their logits (0 when
+        `logits` is None), and its buffer."""
+        if ids is None:
             data = np.empty(self._n_vocab, dtype=_TOKEN_DATA)
             data["id"] = self._token_ids
             data["logit"] = logits
         else:
-            data = np.array([(token, 0.0, 0.0)], dtype=_TOKEN_DATA)
+            data = np.empty(len(ids), dtype=_TOKEN_DATA)
+            data["id"] = ids
+            data["logit"] = 0.0 if logits is None else logits[ids]
         data["p"] = 0.0
         array = llama_cpp.llama_token_data_array(
             data=data.ctypes.data_as(llama_cpp.llama_token_data_p),
@@ -468,17 +506,56 @@ class BatchDecoder:
         llama_cpp.llama_sampler_apply(chain, ctypes.byref(cur[0]))
         return int(cur[1][cur[0].selected]["id"])
 
-    def _sample(self, live: _Live, batch_index: int) -> None:
-        """Sample the next token of `live` from output `batch_index` and apply the stop rules."""
+    def _sample(self, sampled: list[tuple[_Live, int]]) -> None:
+        """Sample the next token of every sequence that has logits at its batch index: plain
+        requests all at once (`llamacpp_sampling`), the others through llama.cpp's chain."""
+        plain: list[tuple[_Live, int]] = []
+        for live, batch_index in sampled:
+            sampling = live.spec.sampling
+            if not live.out and (live.spec.first_ban or sampling.first_token_boost != 1.0):
+                self._steer_first(live.spec, batch_index)
+            if live.logprobs is not None:
+                live.logprobs.append(self._top_logprobs(batch_index, sampling.logprobs or 0))
+            if live.rng is not None:
+                plain.append((live, batch_index))
+            elif live.grammar is not None:
+                self._advance(live, self._constrained(live, batch_index))
+            else:
+                assert live.sampler is not None
+                chain = live.sampler.sampler
+                self._advance(
+                    live, llama_cpp.llama_sampler_sample(chain, self._ctx.ctx, batch_index)
+                )
+        if plain:
+            tokens = pick_tokens(
+                self._rows([batch_index for _, batch_index in plain]),
+                [live.spec.sampling.temperature for live, _ in plain],
+                [live.rng for live, _ in plain if live.rng is not None],
+            )
+            for (live, _), token in zip(plain, tokens, strict=True):
+                self._advance(live, token)
+
+    def _rows(self, batch_indices: list[int]) -> np.ndarray:
+        """The logits rows of these outputs, to be overwritten: llama.cpp's own buffer when they
+        are all its rows in order (the usual step), else a copy."""
+        ctx = self._ctx.ctx
+        pointer = llama_cpp.llama_get_logits(ctx)
+        width = self._n_vocab * ctypes.sizeof(ctypes.c_float)
+        order = [
+            (_address(llama_cpp.llama_get_logits_ith(ctx, i)) - _address(pointer)) // width
+            for i in batch_indices
+        ]
+        whole = np.ctypeslib.as_array(pointer, shape=(max(order) + 1, self._n_vocab))
+        return whole if order == list(range(len(whole))) else whole[order]
+
+    def _logits(self, batch_index: int) -> np.ndarray:
+        """The logits row of one output (a view of llama.cpp's buffer)."""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, batch_index)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+
+    def _advance(self, live: _Live, token: int) -> None:
+        """Take the sampled `token` into `live` and apply the stop rules."""
         sampling = live.spec.sampling
-        if not live.out and (live.spec.first_ban or sampling.first_token_boost != 1.0):
-            self._steer_first(live.spec, batch_index)
-        if live.logprobs is not None:
-            live.logprobs.append(self._top_logprobs(batch_index, sampling.logprobs or 0))
-        if live.grammar is not None:
-            token = self._constrained(live, batch_index)
-        else:
-            token = llama_cpp.llama_sampler_sample(live.sampler.sampler, self._ctx.ctx, batch_index)
         kind = self._kind(token)
         if kind == _EOG:
             self._finish(live, "stop", bytes(live.text))
@@ -498,8 +575,7 @@ class BatchDecoder:
     def _steer_first(self, spec: SeqSpec, batch_index: int) -> None:
         """Before the first token is sampled: divide its logits by the boost, ban the banned
         ids (in place, in llama.cpp's own logits buffer, which the sampler chain reads)."""
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, batch_index)
-        row = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        row = self._logits(batch_index)
         if spec.sampling.first_token_boost != 1.0:
             row /= spec.sampling.first_token_boost
         if spec.first_ban:
@@ -515,8 +591,7 @@ class BatchDecoder:
 
     def _top_logprobs(self, batch_index: int, k: int) -> dict[str, float]:
         """Top-`k` log-probabilities at one output; tokens that render alike are merged."""
-        pointer = llama_cpp.llama_get_logits_ith(self._ctx.ctx, batch_index)
-        row = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).astype(np.float64)
+        row = self._logits(batch_index).astype(np.float64)
         shifted = row - row.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
         best = np.argpartition(-logprobs, min(k, len(logprobs) - 1))[:k]
@@ -545,6 +620,10 @@ class BatchDecoder:
                 kind = _TEXT
             self._kinds[token] = kind
         return kind
+
+
+def _address(pointer: Any) -> int:
+    return ctypes.cast(pointer, ctypes.c_void_p).value or 0
 
 
 _TEXT, _EOG, _CONTROL = 0, 1, 2

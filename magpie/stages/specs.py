@@ -22,6 +22,12 @@ ENVIRONMENT = "environment"
 manifest, never part of its configuration hash (a dataset resumes on another machine)."""
 
 
+def sampler_identity(llm: Any) -> dict[str, str]:
+    """The engine's own sampling algorithm, where it has one (its draws decide the texts)."""
+    sampler = getattr(llm, "sampler_id", None)
+    return {"sampler": sampler} if sampler else {}
+
+
 def build_instructions(config: InstructionsConfig, engines: EnginePool) -> Built:
     from magpie.pipeline import resolve_format
     from magpie.stages.instructions import InstructionStage
@@ -32,6 +38,7 @@ def build_instructions(config: InstructionsConfig, engines: EnginePool) -> Built
         fmt.require_assistant_prefix()
     identity = {
         "model_id": llm.info.model_id,
+        **sampler_identity(llm),
         "chat_format": fmt.to_dict(),
         "shards": "attempt-blocks",
         ENVIRONMENT: environment(llm),
@@ -47,6 +54,7 @@ def build_responses(config: ResponsesConfig, engines: EnginePool) -> Built:
     fmt = resolve_format(llm.info, config.template)
     identity = {
         "model_id": llm.info.model_id,
+        **sampler_identity(llm),
         "chat_format": fmt.to_dict(),
         ENVIRONMENT: environment(llm),
     }
@@ -136,6 +144,7 @@ def build_extend(config: Any, engines: EnginePool) -> Built:
         ) from None
     identity = {
         "model_id": llm.info.model_id,
+        **sampler_identity(llm),
         "chat_format": reply_format.to_dict(),
         "followup_chat_format": query_format.to_dict(),
         ENVIRONMENT: environment(llm),
