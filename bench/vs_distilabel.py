@@ -68,9 +68,10 @@ def write_tokenizer(target: str) -> None:
     print(f"tokenizer written to {target}")
 
 
-def run_distilabel(num: int, max_tokens: int, tokenizer: str) -> tuple[float, int]:
+def run_distilabel(num: int, max_tokens: int, tokenizer: str) -> tuple[float, int, int]:
     """Seconds distilabel's MagpieGenerator takes for `num` instructions on the same model (model
-    load included, as ours), and how many of its rows pass the checks ours keeps rows by."""
+    load included, as ours), the rows it made (it may make a few more than `num`), and how many
+    of them pass the checks ours keeps rows by."""
     from distilabel.models.llms import LlamaCppLLM
     from distilabel.steps.tasks import MagpieGenerator
 
@@ -110,7 +111,7 @@ def run_distilabel(num: int, max_tokens: int, tokenizer: str) -> tuple[float, in
             seen.add(key)
             usable += 1
     engine.close()
-    return seconds, usable
+    return seconds, len(rows), usable
 
 
 def main() -> None:
@@ -134,12 +135,12 @@ def main() -> None:
         )
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     ours = run_magpie(args.num, args.max_tokens)
-    theirs, usable = run_distilabel(args.num, args.max_tokens, args.tokenizer)
+    theirs, made, usable = run_distilabel(args.num, args.max_tokens, args.tokenizer)
     print(f"magpie     : {args.num} instructions in {ours:.1f} s ({args.num / ours:.2f}/s)")
-    print(f"distilabel : {args.num} instructions in {theirs:.1f} s ({args.num / theirs:.2f}/s)")
-    print(f"ratio      : {theirs / ours:.2f}x instructions/s")
+    print(f"distilabel : {made} instructions in {theirs:.1f} s ({made / theirs:.2f}/s)")
+    print(f"ratio      : {args.num / ours / (made / theirs):.2f}x instructions/s")
     rate = usable / theirs
-    print(f"distilabel rows that pass magpie's checks: {usable} of {args.num} ({rate:.2f}/s)")
+    print(f"distilabel rows that pass magpie's checks: {usable} of {made} ({rate:.2f}/s)")
     print(f"ratio      : {args.num / ours / rate:.2f}x usable instructions/s")
 
 
