@@ -23,8 +23,26 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143
 
 
+_pending: list[type[KeyboardInterrupt]] = []
+"""Interrupts raised so far. A raise inside a ctypes callback (llama.cpp's logger runs one during
+its calls) is printed and dropped by ctypes: `raise_pending` raises it again at a safe point."""
+
+
+def _on_sigint(_signum: int, _frame: FrameType | None) -> None:
+    _pending.append(KeyboardInterrupt)
+    raise KeyboardInterrupt()
+
+
 def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    _pending.append(Terminated)
     raise Terminated()
+
+
+def raise_pending() -> None:
+    """Raise the interrupt that arrived, if any, again: long loops call this at safe points, so
+    a signal whose first raise a ctypes callback swallowed still stops the command."""
+    if _pending:
+        raise _pending[0]()
 
 
 Handlers = tuple[Any, Any]
@@ -35,7 +53,8 @@ def install() -> Handlers | None:
     if threading.current_thread() is not threading.main_thread():
         return None
     previous = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _pending.clear()
+    signal.signal(signal.SIGINT, _on_sigint)
     signal.signal(signal.SIGTERM, _on_sigterm)
     return previous
 
@@ -45,6 +64,7 @@ def restore(previous: Handlers | None) -> None:
     if previous is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
+        _pending.clear()
 
 
 def quiet() -> None:

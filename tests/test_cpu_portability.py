@@ -186,3 +186,26 @@ def test_doctor_reports_cpu_runtime_and_engines(tmp_path: Path) -> None:
     assert version.returncode == 0
     assert "cpu:" in version.stdout
     assert f"runtime {facts['llamacpp']['runtime']['name']}" in version.stdout
+
+
+def test_an_interrupt_a_ctypes_callback_swallowed_is_raised_again() -> None:
+    """SIGTERM arriving while llama.cpp runs its Python log callback: ctypes prints and drops the
+    handler's exception, so the decoder and executor raise it again at their next step."""
+    import ctypes
+
+    from magpie import signals
+
+    previous = signals.install()
+    try:
+        signals.raise_pending()  # nothing pending yet
+
+        def callback() -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs here, inside the callback
+
+        ctypes.CFUNCTYPE(None)(callback)()
+        with pytest.raises(signals.Terminated):
+            signals.raise_pending()
+    finally:
+        signals.restore(previous)
+    signals.raise_pending()  # restore() forgets it

@@ -41,6 +41,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from magpie.engines.base import EngineError, Sampling
 from magpie.engines.llamacpp_runtime import ThreadGovernor
 from magpie.engines.llamacpp_sampling import is_plain, new_generator, pick_tokens
+from magpie.signals import raise_pending
 
 LAST_N_PENALTY = 64
 """Tokens the repetition penalty looks back over (llama-cpp-python's default)."""
@@ -223,6 +224,7 @@ class BatchDecoder:
         queued = 0
         stopped = False
         while (queued < len(order) or running) and not stopped:
+            raise_pending()  # an interrupt a llama.cpp log callback swallowed
             # admit waiting sequences, in order, while a slot and their KV cells are free
             while queued < len(order) and free:
                 group, index = order[queued]

@@ -6,6 +6,7 @@ from typing import Any
 
 from magpie.engines.base import EnginePool
 from magpie.executors.base import Driver, Job, RunSummary, check_columns
+from magpie.signals import raise_pending
 
 
 class _LiveProgress:
@@ -35,6 +36,7 @@ class LocalExecutor:
         progress: Any = _LiveProgress(job)
         aim = getattr(stage, "aim", None) if job.gate is not None else None
         for index in driver.pending:
+            raise_pending()  # an interrupt a ctypes callback swallowed stops before the next shard
             if driver.done:
                 break
             if aim is not None and driver.next_block == index:  # the gate takes it next
