@@ -24,23 +24,37 @@ class Terminated(KeyboardInterrupt):
 
 
 _pending: list[type[KeyboardInterrupt]] = []
-"""Interrupts raised so far. A raise inside a ctypes callback (llama.cpp's logger runs one during
-its calls) is printed and dropped by ctypes: `raise_pending` raises it again at a safe point."""
+"""Interrupts that arrived. One raised inside a ctypes callback would be printed and dropped by
+ctypes, so there it is only recorded, and `raise_pending` raises it at the next safe point."""
+CALLBACK_FILES = ("llama_cpp/_logger.py",)
+"""Python code llama.cpp calls back into while it works (llama-cpp-python's log callback)."""
 
 
-def _on_sigint(_signum: int, _frame: FrameType | None) -> None:
-    _pending.append(KeyboardInterrupt)
-    raise KeyboardInterrupt()
+def _in_callback(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.replace("\\", "/").endswith(CALLBACK_FILES):
+            return True
+        frame = frame.f_back
+    return False
 
 
-def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
-    _pending.append(Terminated)
-    raise Terminated()
+def _interrupt(kind: type[KeyboardInterrupt], frame: FrameType | None) -> None:
+    _pending.append(kind)
+    if not _in_callback(frame):
+        raise kind()
+
+
+def _on_sigint(_signum: int, frame: FrameType | None) -> None:
+    _interrupt(KeyboardInterrupt, frame)
+
+
+def _on_sigterm(_signum: int, frame: FrameType | None) -> None:
+    _interrupt(Terminated, frame)
 
 
 def raise_pending() -> None:
-    """Raise the interrupt that arrived, if any, again: long loops call this at safe points, so
-    a signal whose first raise a ctypes callback swallowed still stops the command."""
+    """Raise the interrupt that arrived, if any: long loops call this at safe points, so a
+    signal that came during a callback (or whose raise a callback swallowed) stops the command."""
     if _pending:
         raise _pending[0]()
 

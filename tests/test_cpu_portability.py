@@ -209,3 +209,26 @@ def test_an_interrupt_a_ctypes_callback_swallowed_is_raised_again() -> None:
     finally:
         signals.restore(previous)
     signals.raise_pending()  # restore() forgets it
+
+
+def test_an_interrupt_inside_llama_cpps_log_callback_is_kept_for_the_next_step() -> None:
+    """Inside llama-cpp-python's logger (code ctypes runs as a callback) the handler only records
+    the signal: raising there would print a traceback and be dropped."""
+    from magpie import signals
+
+    namespace: dict = {"signals": signals, "sys": sys}
+    code = compile(
+        "def log_line():\n    signals._on_sigterm(15, sys._getframe())\n",
+        "/site-packages/llama_cpp/_logger.py",
+        "exec",
+    )
+    exec(code, namespace)
+    previous = signals.install()
+    try:
+        namespace["log_line"]()  # no exception here
+        with pytest.raises(signals.Terminated):
+            signals.raise_pending()
+        with pytest.raises(signals.Terminated):  # elsewhere the handler raises at once
+            signals._on_sigterm(15, sys._getframe())
+    finally:
+        signals.restore(previous)
