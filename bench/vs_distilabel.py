@@ -90,7 +90,13 @@ def run_distilabel(num: int, max_tokens: int, tokenizer: str) -> tuple[float, in
         n_ctx=2048,
         magpie_pre_query_template=fmt.pre_query,
         tokenizer_id=tokenizer,
-        generation_kwargs={"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_tokens},
+        generation_kwargs={
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "max_new_tokens": max_tokens,
+            # llama-cpp-python otherwise adds top_k=40 and min_p=0.05: not the same sampling
+            "extra_generation_kwargs": {"top_k": 0, "min_p": 0.0},
+        },
     )
     task = MagpieGenerator(llm=llm, n_turns=1, num_rows=num, batch_size=num, only_instruction=True)
     task.load()
