@@ -235,6 +235,7 @@ class BatchDecoder:
                 opens_group = group.shared and not group.admitted
                 slot = free.pop(0)
                 source = self._holder if group.holder_ready else self._root
+                plain = is_plain(spec.sampling)
                 if start:
                     self._copy(source, slot, start)
                 live = _Live(
@@ -244,8 +245,8 @@ class BatchDecoder:
                     slot=slot,
                     pos=start,
                     feed=list(spec.tokens[start:]),
-                    sampler=None if is_plain(spec.sampling) else self._sampler(spec),
-                    rng=new_generator(spec.seed) if is_plain(spec.sampling) else None,
+                    sampler=None if plain else self._sampler(spec),
+                    rng=new_generator(spec.seed) if plain else None,
                     grammar=self._grammar(spec),
                     stops=[s.encode("utf-8") for s in spec.sampling.stop if s],
                     logprobs=[] if spec.sampling.logprobs is not None else None,

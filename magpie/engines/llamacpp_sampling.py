@@ -3,7 +3,7 @@
 llama.cpp's sampler chain handles one sequence per call and spends ~0.5 ms on SmolLM2's 49K
 logits (copy into candidates, softmax, a discrete distribution). Most requests sample plainly
 (temperature, top_p = 1, no repetition penalty, no grammar): for those `pick_tokens` draws every
-sequence's token at once with numpy, at ~0.15 ms a sequence.
+sequence's token at once with numpy, at ~0.2 ms a token (measured over a 96-request call).
 
 The draw is inverse-CDF sampling from softmax(logits / T) with one uniform number per step from
 the sequence's own generator (PCG64 seeded by the sequence's seed), so a sequence's tokens depend
