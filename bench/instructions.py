@@ -32,6 +32,7 @@ from rich.console import Console
 
 from magpie.config import InstructionsConfig
 from magpie.engines.llamacpp import DEFAULT_BATCH_SIZE, LlamaCppEngine, bundled_model_path
+from magpie.engines.llamacpp_batch import KV_TYPES
 from magpie.runner import ProgressView, run_source
 from magpie.stages.instructions import InstructionStage, attempt_seed
 from magpie.store import ShardStore
@@ -100,6 +101,7 @@ def run_raw_batched(
     params.n_batch = params.n_ubatch = 512
     params.kv_unified = False  # a KV stream per sequence, as the engine runs them
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    params.type_k = params.type_v = KV_TYPES[engine.kv_type]  # the engine's KV cache type
     ctx = llama_cpp.llama_init_from_model(model.model, params)
     mem = llama_cpp.llama_get_memory(ctx)
     lb = llama_cpp.llama_batch_init(512, 0, 1)

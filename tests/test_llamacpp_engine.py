@@ -6,6 +6,7 @@ import pytest
 
 from magpie.engines.base import Engine, EngineError, Request, Sampling, create_engine
 from magpie.engines.llamacpp import bundled_model_path
+from magpie.engines.llamacpp_batch import SeqSpec, common_prefix
 
 PRE_QUERY = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -120,3 +121,30 @@ def test_batched_call_is_reproducible_across_runs_and_thread_counts(engine) -> N
 def test_engine_exposes_runtime_and_batch_size(engine) -> None:
     assert engine.runtime.name and engine.runtime.max_batch_tokens >= 1
     assert engine.batch_size >= 1
+
+
+def test_prompts_sharing_a_long_prefix_are_evaluated_once_with_the_same_results(engine) -> None:
+    """A judge's prompts for the answers to one question share the question: they form one
+    group whose prefix is evaluated once, and each still gets what it gets when run alone."""
+    decoder = engine._decoder
+    question = "Explain in two sentences why the sky is blue and why sunsets are red."
+    answers = ["Light scatters.", "Because of the sea.", "I like cake.", "Rayleigh scattering."]
+    prompts = [
+        f"{PRE_QUERY}Rate the answer.\nQuestion: {q}\nAnswer: {a}<|im_end|>\n"
+        "<|im_start|>assistant\nRating: "
+        for q in (question, "What is the capital of France, and how many people live there?")
+        for a in answers
+    ]
+    greedy = Sampling(temperature=0.0, max_tokens=2, logprobs=5)
+    specs = [SeqSpec(engine.tokenize(p), greedy, 0) for p in prompts]
+    groups = decoder._groups(specs, common_prefix([s.tokens for s in specs]))
+    # one group per question, sharing the question's tokens
+    assert [g.members for g in groups] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert all(g.shared >= 16 for g in groups)
+    together = engine.generate([Request(p, greedy, seed=0) for p in prompts])
+    for prompt, result in zip(prompts, together, strict=True):
+        alone = engine.generate([Request(prompt, greedy, seed=0)])[0][0]
+        assert result[0].text == alone.text
+        top, top_alone = result[0].top_logprobs[0], alone.top_logprobs[0]
+        assert max(top, key=top.get) == max(top_alone, key=top_alone.get)
+        assert all(abs(top[t] - top_alone[t]) < 0.02 for t in top.keys() & top_alone.keys())

@@ -80,3 +80,36 @@ def test_a_moved_sequence_keeps_its_kv(cache) -> None:
         assert together[:40] == alone[:40]
     finally:
         engine.close()
+
+
+def test_kv_type_option_enters_the_model_id_and_keeps_greedy_text_close(cache) -> None:
+    """The KV cache is F16 by default and Q8_0 on request; both run, and a Q8_0 cache is part of
+    the model id (so a dataset made with one is never resumed with the other)."""
+    request = Request(
+        "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
+        Sampling(temperature=0.0, max_tokens=16, logprobs=5),
+        seed=0,
+    )
+    f16 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1)
+    q8 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, kv_type="q8_0")
+    try:
+        assert f16.kv_type == "f16" and "KV" not in f16.info.model_id
+        assert q8.info.model_id.endswith("(run as F16, KV Q8_0)")
+        first_q8 = q8.generate([request])[0][0]
+        first_f16 = f16.generate([request])[0][0]
+        assert first_q8.text.strip() and first_f16.text.strip()
+        assert first_q8.text == q8.generate([request])[0][0].text
+        # the first token comes from the prompt alone: its distribution barely moves
+        assert first_q8.top_logprobs is not None and first_f16.top_logprobs is not None
+        top_q8, top_f16 = first_q8.top_logprobs[0], first_f16.top_logprobs[0]
+        best = max(top_f16, key=top_f16.get)
+        assert max(top_q8, key=top_q8.get) == best
+        assert abs(top_q8[best] - top_f16[best]) < 0.05
+    finally:
+        q8.close()
+        f16.close()
+
+
+def test_unknown_kv_type_is_one_line(cache) -> None:
+    with pytest.raises(MagpieError, match="kv_type='q4'.*f16, q8_0"):
+        LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, kv_type="q4")

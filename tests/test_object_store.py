@@ -298,7 +298,8 @@ def test_sigterm_stops_cleanly_and_releases_the_lock_object(s3, tmp_path: Path) 
         deadline = time.monotonic() + 120
         # list names only while the writer runs: its temporary objects may vanish between a
         # listing and a read
-        while not [k for k in s3.fs.find(f"{BUCKET}/term/") if k.startswith(f"{BUCKET}/term/part-")]:
+        part = f"{BUCKET}/term/part-"
+        while not [k for k in s3.fs.find(f"{BUCKET}/term/") if k.startswith(part)]:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no shard committed in time"
             time.sleep(0.1)

@@ -196,6 +196,7 @@ executor: {{name: local, num_cpus: 0.5}}
 """
 
 
+@pytest.mark.slow  # ~45 s: the whole DPO recipe twice (Ray, then local)
 def test_magpie_run_on_ray_gives_the_pairs_of_a_local_run(cluster, tmp_path):
     """The bundled model in llama.cpp actors (half a CPU each) against the local executor."""
     results = {}

@@ -26,7 +26,13 @@ from magpie.engines.base import (
     check_prompt_fits,
     first_token_ids,
 )
-from magpie.engines.llamacpp_batch import BatchDecoder, SeqResult, SeqSpec
+from magpie.engines.llamacpp_batch import (
+    KV_BYTES_PER_VALUE,
+    KV_TYPES,
+    BatchDecoder,
+    SeqResult,
+    SeqSpec,
+)
 from magpie.engines.llamacpp_runtime import (
     RUNTIMES,
     LlamaRuntime,
@@ -59,6 +65,11 @@ DEFAULT_BATCH_SIZE = 32
 """Sequences decoded at once by default."""
 KV_BUDGET_BYTES = 1 << 30
 """Default KV cache size cap (all sequences' streams together)."""
+DEFAULT_KV_TYPE = "f16"
+"""KV cache type by default. `q8_0` halves the KV memory; on 2 AVX2 cores its decode steps at 32
+sequences ran 0-30% faster at 128-448 tokens of context, but the responses stage of the CPU demo
+ran at the same speed (178 vs 179 tok/s), and the next-token distribution moves by a KL of ~3e-4
+(`bench/kv_cache.py`)."""
 
 
 class LlamaCppEngine:
@@ -69,7 +80,8 @@ class LlamaCppEngine:
     sequences together; default 1 GiB of KV: fewer sequences run at once when their streams of
     prompt + max_tokens do not fit), `n_threads`, `n_batch` (most tokens per decode, capped by
     the CPU runtime's limit), `weights` (auto, file, f16, q8_0: see `llamacpp_weights`; auto runs
-    the bundled Q4_1 model as F16, about twice as fast in batches), `runtime`.
+    the bundled Q4_1 model as F16, about twice as fast in batches), `kv_type` (`f16` by
+    default, or `q8_0`: the KV cache type; q8_0 halves its memory), `runtime`.
     """
 
     name = "llamacpp"
@@ -87,6 +99,7 @@ class LlamaCppEngine:
         vocab_only: bool = False,
         runtime: str | None = None,
         weights: str | None = None,
+        kv_type: str | None = None,
         **_: Any,
     ) -> None:
         from llama_cpp import Llama
@@ -97,6 +110,12 @@ class LlamaCppEngine:
         with path.open("rb") as handle:
             if handle.read(4) != b"GGUF":
                 raise EngineError(f"{path} is not a GGUF file: pass --model with a GGUF model file")
+        kv_type = kv_type or DEFAULT_KV_TYPE
+        if kv_type not in KV_TYPES:
+            raise EngineError(
+                f"kv_type={kv_type!r} is not a KV cache type: use one of {', '.join(KV_TYPES)}"
+            )
+        self.kv_type = kv_type
         if int(batch_size) < 1:
             raise EngineError(f"batch_size must be >= 1, got {batch_size}: fix engine options")
         self.weights = (
@@ -128,8 +147,9 @@ class LlamaCppEngine:
                     f"llama.cpp could not load {path}: pass --model with a GGUF model file"
                 ) from exc
         self._model_id = BUNDLED_MODEL_ID if model is None else source.name
-        if self.weights.label():
-            self._model_id = f"{self._model_id} ({self.weights.label()})"
+        labels = [self.weights.label()] + ([f"KV {kv_type.upper()}"] if kv_type != "f16" else [])
+        if any(labels):
+            self._model_id = f"{self._model_id} ({', '.join(x for x in labels if x)})"
         self._info = self._read_info()
         self._decoder: BatchDecoder | None = None
         self._bans: dict[tuple[str, ...], tuple[int, ...]] = {}
@@ -144,16 +164,18 @@ class LlamaCppEngine:
                 capacity=capacity,
                 n_threads=threads,
                 adaptive_threads=n_threads is None and fixed_threads() is None,
+                kv_type=kv_type,
             )
 
     def _kv_budget_cells(self) -> int:
-        """KV cells that fit in KV_BUDGET_BYTES (f16 keys and values of every layer)."""
+        """KV cells that fit in KV_BUDGET_BYTES (keys and values of every layer)."""
         import llama_cpp
 
         model = self._llm._model.model
         heads = max(llama_cpp.llama_model_n_head(model), 1)
         kv_dim = llama_cpp.llama_model_n_embd(model) * llama_cpp.llama_model_n_head_kv(model)
-        per_cell = max(llama_cpp.llama_model_n_layer(model) * 2 * 2 * kv_dim // heads, 1)
+        values = llama_cpp.llama_model_n_layer(model) * 2 * kv_dim // heads
+        per_cell = max(int(values * KV_BYTES_PER_VALUE[self.kv_type]), 1)
         return KV_BUDGET_BYTES // per_cell
 
     @property

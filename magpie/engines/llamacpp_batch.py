@@ -5,7 +5,9 @@ One `BatchDecoder.run` call completes a list of sequences (a prompt, its samplin
   and every sequence starts from a copy of it (in a unified KV cache a copy only tags cells);
 - sequences with the same prompt (the n samples of a request, identical instruction queries)
   share it: the first one evaluates it, a *holder* sequence keeps prompt[:-1], later ones copy
-  that and evaluate only the last prompt token;
+  that and evaluate only the last prompt token; a run of different prompts that share more than
+  the root (a judge's prompts for the answers to one instruction) shares that longer prefix the
+  same way, each then evaluating only its own rest;
 - up to `n_seq` sequences decode together; each step feeds one token of every running sequence
   plus prompt chunks of newly admitted ones, never more than `capacity` tokens per decode; a
   finished sequence's slot goes to the next waiting one (admitted in order);
@@ -45,6 +47,11 @@ from magpie.signals import raise_pending
 
 LAST_N_PENALTY = 64
 """Tokens the repetition penalty looks back over (llama-cpp-python's default)."""
+KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+"""KV cache types (ggml type ids). `q8_0` stores 8-bit values with a scale per 32 (half of F16)."""
+KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32}
+MIN_GROUP_PREFIX = 16
+"""Fewest tokens beyond the root that different prompts must share to be evaluated once."""
 MIN_STREAM_CELLS = 256
 """Smallest KV stream; streams grow in powers of two, so calls of similar length share a context."""
 
@@ -72,10 +79,15 @@ class SeqResult:
 
 @dataclass
 class _Group:
-    """Sequences with the same prompt; `shared` > 0 when a holder keeps prompt[:-1] for them."""
+    """Sequences whose prompts share their first `span` tokens: the same prompt (span =
+    len - 1), or single prompts in a row that share a prefix beyond the root (the judgements of
+    one instruction's answers). `shared` > 0 when a holder keeps those tokens for them."""
 
     tokens: list[int]
     members: list[int]
+    span: int = 0
+    once: bool = False
+    """Its prompts are asked once each (a group of different prompts, or one alone)."""
     shared: int = 0
     admitted: int = 0
     live: int = 0
@@ -127,7 +139,8 @@ class BatchDecoder:
         capacity: most tokens per `llama_decode`.
         n_threads: CPU threads.
         adaptive_threads: re-fit the thread count to the free cores while decoding.
-        flash_attn: use llama.cpp's flash attention.
+        flash_attn: use llama.cpp's flash attention (a quantized KV cache needs it).
+        kv_type: type of the cached keys and values: `f16` or `q8_0` (see `KV_TYPES`).
     """
 
     def __init__(
@@ -140,13 +153,19 @@ class BatchDecoder:
         n_threads: int,
         flash_attn: bool = True,
         adaptive_threads: bool = False,
+        kv_type: str = "f16",
     ) -> None:
+        if kv_type not in KV_TYPES:
+            raise EngineError(f"kv_type={kv_type!r} is not one of {', '.join(KV_TYPES)}")
+        if kv_type != "f16" and not flash_attn:
+            raise EngineError(f"kv_type={kv_type!r} needs flash attention")
         self._llm = llm
         self._vocab = llm._model.vocab
         self.capacity = max(1, capacity)
         self.n_seq = max(1, min(n_seq, self.capacity, llama_cpp.llama_max_parallel_sequences() - 2))
         self.n_cells = n_cells
         self._flash_attn, self._threads, self._adaptive = flash_attn, n_threads, adaptive_threads
+        self.kv_type = kv_type
         self._ctx: Any = None
         self._memory: Any = None
         self._governor: ThreadGovernor | None = None
@@ -179,6 +198,7 @@ class BatchDecoder:
         # `n_outputs_max` (default n_batch): with one-token batches it would not.
         params.n_outputs_max = max(self.capacity, params.n_seq_max)
         params.kv_unified = False  # a stream per sequence: attention reads only its own cells
+        params.type_k = params.type_v = KV_TYPES[self.kv_type]
         if self._flash_attn:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.n_threads = params.n_threads_batch = self._threads
@@ -231,7 +251,7 @@ class BatchDecoder:
                 spec = specs[index]
                 if group.shared and group.admitted and not group.holder_ready:
                     break  # the holder is filled after the group's first sequence is evaluated
-                start = len(spec.tokens) - 1 if group.holder_ready else root
+                start = group.span if group.holder_ready else root
                 opens_group = group.shared and not group.admitted
                 slot = free.pop(0)
                 source = self._holder if group.holder_ready else self._root
@@ -265,9 +285,9 @@ class BatchDecoder:
             # a group's holder takes prompt[:-1] once its first sequence has evaluated it
             for live in running:
                 group = live.group
-                if group.filler is live and live.pos >= len(group.tokens) - 1:
+                if group.filler is live and live.pos >= group.span:
                     llama_cpp.llama_memory_seq_rm(self._memory, self._holder, -1, -1)
-                    self._copy(live.slot, self._holder, len(group.tokens) - 1)
+                    self._copy(live.slot, self._holder, group.span)
                     group.filler = None
                     group.holder_ready = group.admitted < len(group.members)
             still = []
@@ -300,17 +320,34 @@ class BatchDecoder:
     # ------------------------------------------------------------------ scheduling
 
     def _groups(self, specs: Sequence[SeqSpec], root: int) -> list[_Group]:
-        """Sequences grouped by prompt, groups in order of first appearance."""
+        """Sequences grouped by prompt, groups in order of first appearance; then a run of
+        prompts asked once each joins one group over their common prefix, when it is
+        MIN_GROUP_PREFIX tokens or more beyond the root and joining saves more tokens than a
+        shorter common prefix loses."""
         by_prompt: dict[tuple[int, ...], _Group] = {}
         for index, spec in enumerate(specs):
             key = tuple(spec.tokens)
             if key not in by_prompt:
                 by_prompt[key] = _Group(tokens=spec.tokens, members=[])
             by_prompt[key].members.append(index)
-        groups = list(by_prompt.values())
+        groups: list[_Group] = []
+        for group in by_prompt.values():
+            group.span = len(group.tokens) - 1
+            last = groups[-1] if groups else None
+            if last is not None and last.once and len(group.members) == 1:
+                span = min(common_prefix([last.tokens, group.tokens]), last.span)
+                # joining saves `span - root` tokens; a shorter span costs each later member
+                # of `last` what it no longer shares
+                lost = (len(last.members) - 1) * (last.span - span)
+                if span - root >= MIN_GROUP_PREFIX and span - root > lost:
+                    last.members.extend(group.members)
+                    last.span = span
+                    continue
+            group.once = len(group.members) == 1
+            groups.append(group)
         for group in groups:
-            if len(group.members) > 1 and len(group.tokens) - 1 > root:
-                group.shared = len(group.tokens) - 1 - root
+            if len(group.members) > 1 and group.span > root:
+                group.shared = group.span - root
         return groups
 
     def _compact(self, running: list[_Live], free: list[int]) -> None:
