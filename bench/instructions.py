@@ -5,14 +5,18 @@ raw batched driver on the weights the engine runs, F16 by default; single-stream
 Q4_1 file, the faster type one sequence at a time):
 - pipeline: `magpie instructions` (batched engine + checks + Parquet shards + manifest);
 - raw batched: llama.cpp's batch API driven directly (this file's own driver: the prefix
-  evaluated once and its KV shared, one sampler chain per sequence, `--batch` sequences per
-  decode) over the pipeline's attempt blocks one after another, the ceiling the pipeline should
-  reach (target pipeline/raw-batched >= 0.95); and once more over all attempts as one pool (no
-  block tails: what exact resume by fixed attempt blocks costs);
+  evaluated once and its KV shared, every sequence's token drawn by the engine's numpy sampler
+  from its own seeded generator, so both make the same draws, `--batch` sequences per decode)
+  over the pipeline's attempt blocks one after another, the ceiling the pipeline should reach
+  (target pipeline/raw-batched >= 0.95); and once more over all attempts as one pool (no block
+  tails: what exact resume by fixed attempt blocks costs);
 - raw single-stream: llama-cpp-python's `create_completion` one attempt at a time, what the
   engine did before batching (target pipeline/single >= 3 at the default batch).
-The machine may be shared: the load average is printed, and the runs are interleaved
-(`--rounds`) so each ratio compares runs made under similar load.
+Tokens are counted as sampled, the end-of-turn token included, on every side; the pipeline's
+count includes attempts it dropped unfinished once a block had its rows (work done, as in the
+raw runs, which run every attempt of a block to its end). The machine may be shared: the load
+average is printed, and the runs are interleaved (`--rounds`) so each ratio compares runs made
+under similar load.
 
     python bench/instructions.py --rows 64
 """
@@ -28,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from rich.console import Console
 
 from magpie.config import InstructionsConfig
 from magpie.engines.llamacpp import DEFAULT_BATCH_SIZE, LlamaCppEngine, bundled_model_path
 from magpie.engines.llamacpp_batch import KV_TYPES
+from magpie.engines.llamacpp_sampling import new_generator, pick_tokens
 from magpie.runner import ProgressView, run_source
 from magpie.stages.instructions import InstructionStage, attempt_seed
 from magpie.store import ShardStore
@@ -47,12 +53,13 @@ def run_pipeline(engine: LlamaCppEngine, config: InstructionsConfig) -> tuple[fl
         store = ShardStore(Path(tmp) / "ins")
         store.open_for_write("instructions", {}, "bench", overwrite=False)
         progress = ProgressView(Console(stderr=True), enabled=False).stage("bench", config.num)
+        sampled = engine._decoder.sampled_tokens
         started = time.perf_counter()
         summary = run_source(
             stage, store, config.num, config.shard_size, config.attempt_budget(), progress
         )
         seconds = time.perf_counter() - started
-    return seconds, summary.attempts, summary.tokens
+    return seconds, summary.attempts, engine._decoder.sampled_tokens - sampled
 
 
 def run_single(engine: LlamaCppEngine, config: InstructionsConfig, attempts: int):
@@ -76,7 +83,10 @@ def run_single(engine: LlamaCppEngine, config: InstructionsConfig, attempts: int
             stop=list(fmt.stops),
             seed=attempt_seed(config.seed, attempt, 1),
         )
-        generated += out["usage"]["completion_tokens"]
+        # + the end-of-turn token it sampled and left out of its count
+        generated += out["usage"]["completion_tokens"] + (
+            out["choices"][0]["finish_reason"] == "stop"
+        )
     seconds = time.perf_counter() - started
     llm.close()
     return seconds, generated
@@ -139,21 +149,13 @@ def _run_pool(
 ) -> int:
     """Run the attempts `waiting` in `batch` slots (continuous batching); tokens generated."""
     vocab, root = llm._model.vocab, batch
-    live: dict[int, list] = {}  # slot -> [sampler, next token, position, text, count]
+    live: dict[int, list] = {}  # slot -> [generator, next token, position, text, count]
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     generated = 0
     while waiting or live:
         for slot in range(batch):
             if slot not in live and waiting:
-                chain = llama_cpp.llama_sampler_chain_init(
-                    llama_cpp.llama_sampler_chain_default_params()
-                )
-                for sampler in (
-                    llama_cpp.llama_sampler_init_top_p(config.top_p, 1),
-                    llama_cpp.llama_sampler_init_temp(config.temperature),
-                    llama_cpp.llama_sampler_init_dist(attempt_seed(config.seed, waiting[0], 1)),
-                ):
-                    llama_cpp.llama_sampler_chain_add(chain, sampler)
-                waiting.pop(0)
+                chain = new_generator(attempt_seed(config.seed, waiting.pop(0), 1))
                 llama_cpp.llama_memory_seq_cp(mem, root, slot, -1, -1)
                 live[slot] = [chain, prompt[-1], len(prompt) - 1, b"", 0]
         while live and not waiting and max(live) >= len(live):  # keep slots 0..k-1
@@ -164,9 +166,10 @@ def _run_pool(
             live[gap] = live.pop(top)
         order = sorted(live)
         decode([(live[s][1], live[s][2], s, True) for s in order])
-        for i, slot in enumerate(order):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(order), n_vocab))
+        picks = pick_tokens(logits, [config.temperature] * len(order), [live[s][0] for s in order])
+        for slot, token in zip(order, picks, strict=True):
             state = live[slot]
-            token = llama_cpp.llama_sampler_sample(state[0], ctx, i)
             state[4] += 1
             state[3] += llm._model.detokenize([token], special=False)
             state[1], state[2] = token, state[2] + 1
@@ -176,8 +179,7 @@ def _run_pool(
                 or any(s in state[3] for s in stops)
             )
             if done:
-                generated += state[4] - (1 if llama_cpp.llama_vocab_is_eog(vocab, token) else 0)
-                llama_cpp.llama_sampler_free(state[0])
+                generated += state[4]
                 llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
                 del live[slot]
     return generated

@@ -170,6 +170,8 @@ class BatchDecoder:
         self._memory: Any = None
         self._governor: ThreadGovernor | None = None
         self.stream_cells = 0
+        self.sampled_tokens = 0
+        """Tokens sampled so far, by every sequence (also those a stop rule dropped unfinished)."""
         self._slots = 0
         self._root = self._holder = 0
         self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
@@ -549,6 +551,7 @@ class BatchDecoder:
     def _sample(self, sampled: list[tuple[_Live, int]]) -> None:
         """Sample the next token of every sequence that has logits at its batch index: plain
         requests all at once (`llamacpp_sampling`), the others through llama.cpp's chain."""
+        self.sampled_tokens += len(sampled)
         plain: list[tuple[_Live, int]] = []
         for live, batch_index in sampled:
             sampling = live.spec.sampling
