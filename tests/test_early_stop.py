@@ -106,3 +106,23 @@ def test_llamacpp_stops_mid_batch_and_the_next_call_is_unaffected(engine) -> Non
     assert [[c.text for c in r] for r in engine.generate(requests)] == [
         [c.text for c in r] for r in full
     ]
+
+
+def test_an_aimed_block_holds_attempts_back_while_those_in_flight_may_suffice() -> None:
+    """The stop rule's `admit`: with 0 of 3 rows, 5 attempts in flight could give them (half of
+    them counted on), 6 could; each row counted lowers the need."""
+    from magpie.engines.base import Completion
+
+    stage = stage_of(FakeEngine())
+    rule = stage._enough(3, set())
+    assert rule.admit(0) and rule.admit(5) and not rule.admit(6)
+    good = Completion("What is the boiling point of water?", "stop", 10, 9)
+    assert not rule(1, [good])  # out of order: not counted until attempt 0 finishes
+    assert not rule.admit(6)
+    other = Completion("How do plants make their food?", "stop", 10, 7)
+    assert not rule(0, [other])  # two rows now, attempts 2.. in flight
+    assert not rule(3, [good])  # a duplicate: never a row
+    assert rule.admit(3) and not rule.admit(4)
+    assert not rule(2, [Completion("", "stop", 10, 0)])  # empty: rejected
+    assert rule.admit(5) and not rule.admit(6)  # 2 rows; 4 and 5 would be in flight
+    assert rule(4, [Completion("Name a prime number above 100.", "stop", 10, 8)])

@@ -148,3 +148,21 @@ def test_prompts_sharing_a_long_prefix_are_evaluated_once_with_the_same_results(
         top, top_alone = result[0].top_logprobs[0], alone.top_logprobs[0]
         assert max(top, key=top.get) == max(top_alone, key=top_alone.get)
         assert all(abs(top[t] - top_alone[t]) < 0.02 for t in top.keys() & top_alone.keys())
+
+
+def test_admission_held_back_runs_sequences_one_after_another(engine) -> None:
+    """`admit` False while others run: a sequence starts only when the one before it ended, so
+    a short one queued after a long one finishes after it, with the text it has alone."""
+    decoder = engine._decoder
+    long = Sampling(temperature=0.0, max_tokens=24)
+    short = Sampling(temperature=0.0, max_tokens=2)
+    prompt = engine.tokenize(f"{PRE_QUERY}Count to ten.<|im_end|>\n<|im_start|>assistant\n")
+    specs = [SeqSpec(prompt, long, 0), SeqSpec(prompt, short, 0)]
+    free_order: list[int] = []
+    decoder.run(specs, lambda index, result: free_order.append(index))
+    assert free_order == [1, 0]  # together, the short one ends first
+    held: list[int] = []
+    results = decoder.run(specs, lambda index, result: held.append(index), lambda index: False)
+    assert held == [0, 1]
+    alone = decoder.run(specs[1:])[0]
+    assert results[1] is not None and alone is not None and results[1].text == alone.text

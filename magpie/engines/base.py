@@ -123,7 +123,11 @@ class Engine(Protocol):
 
 
 StopWhen = Callable[[int, list[Completion]], bool]
-"""`until(request_index, completions)`: called as each request finishes; True stops the call."""
+"""`until(request_index, completions)`: called as each request finishes; True stops the call.
+
+It may also have a method `admit(request_index) -> bool`: whether an engine that starts requests
+in order should start that one now (False: wait until more have finished). It must depend only
+on what `until` has seen, so a call's schedule stays a function of its requests."""
 
 
 def generate_until(

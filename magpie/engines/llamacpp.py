@@ -259,7 +259,9 @@ class LlamaCppEngine:
                 on_done(1, produced[number])
             return until is not None and until(number, [c for c in done[number] if c is not None])
 
-        self._decoder.run(specs, finished)
+        admit_request = getattr(until, "admit", None)
+        admit = None if admit_request is None else (lambda index: admit_request(owner[index]))
+        self._decoder.run(specs, finished, admit)
         if on_done is not None:
             for request in requests:
                 if request.n == 0:

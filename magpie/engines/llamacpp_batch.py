@@ -229,9 +229,12 @@ class BatchDecoder:
         self,
         specs: Sequence[SeqSpec],
         on_finish: Callable[[int, SeqResult], bool | None] | None = None,
+        admit: Callable[[int], bool] | None = None,
     ) -> list[SeqResult | None]:
         """Complete every sequence; `on_finish(index, result)` is called as each one ends, and
-        when it returns True the call stops: sequences not finished by then come back None."""
+        when it returns True the call stops: sequences not finished by then come back None.
+        `admit(index)`, when given, is asked before sequence `index` starts while others run:
+        False holds it (and those after it) back until more have finished."""
         results: list[SeqResult | None] = [None] * len(specs)
         if not specs:
             return []
@@ -250,6 +253,8 @@ class BatchDecoder:
             # admit waiting sequences, in order, while a slot and their KV cells are free
             while queued < len(order) and free:
                 group, index = order[queued]
+                if admit is not None and running and not admit(index):
+                    break
                 spec = specs[index]
                 if group.shared and group.admitted and not group.holder_ready:
                     break  # the holder is filled after the group's first sequence is evaluated
