@@ -289,7 +289,7 @@ class BatchDecoder:
                     group.holder_ready = False
             self._compact(running, free)
             self._sample(self._step(running))
-            # a group's holder takes prompt[:-1] once its first sequence has evaluated it
+            # a group's holder takes its shared span once its first sequence has evaluated it
             for live in running:
                 group = live.group
                 if group.filler is live and live.pos >= group.span:
