@@ -155,9 +155,9 @@ def _run_pool(
     while waiting or live:
         for slot in range(batch):
             if slot not in live and waiting:
-                chain = new_generator(attempt_seed(config.seed, waiting.pop(0), 1))
+                rng = new_generator(attempt_seed(config.seed, waiting.pop(0), 1))
                 llama_cpp.llama_memory_seq_cp(mem, root, slot, -1, -1)
-                live[slot] = [chain, prompt[-1], len(prompt) - 1, b"", 0]
+                live[slot] = [rng, prompt[-1], len(prompt) - 1, b"", 0]
         while live and not waiting and max(live) >= len(live):  # keep slots 0..k-1
             gap = min(set(range(len(live))) - set(live))
             top = max(live)

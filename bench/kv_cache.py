@@ -18,7 +18,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from magpie.engines.llamacpp import LlamaCppEngine
+from magpie.engines.llamacpp import DEFAULT_BATCH_SIZE, LlamaCppEngine
 from magpie.engines.llamacpp_batch import KV_TYPES
 
 CONTEXTS = (32, 128, 256, 448)
@@ -61,9 +61,7 @@ def next_token_logprobs(engine: LlamaCppEngine, tokens: list[int]) -> np.ndarray
         chunk = tokens[start : start + 64]
         decoder._fill([(t, start + k, 0, True) for k, t in enumerate(chunk)])
         decoder._decode()
-        for k in range(len(chunk)):
-            pointer = llama_cpp.llama_get_logits_ith(decoder._ctx.ctx, k)
-            rows.append(np.ctypeslib.as_array(pointer, shape=(decoder._n_vocab,)).copy())
+        rows.extend(decoder._logits(k).copy() for k in range(len(chunk)))
     logits = np.array(rows, dtype=np.float64)
     logits -= logits.max(axis=1, keepdims=True)
     return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
@@ -71,7 +69,9 @@ def next_token_logprobs(engine: LlamaCppEngine, tokens: list[int]) -> np.ndarray
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32, help="sequences per decode step")
+    parser.add_argument(
+        "--batch", type=int, default=DEFAULT_BATCH_SIZE, help="sequences per decode step"
+    )
     parser.add_argument("--steps", type=int, default=8, help="timed decode steps per context")
     parser.add_argument("--tokens", type=int, default=480, help="tokens of text for the KL check")
     args = parser.parse_args()

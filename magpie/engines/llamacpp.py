@@ -28,10 +28,10 @@ from magpie.engines.base import (
 )
 from magpie.engines.llamacpp_batch import (
     KV_BYTES_PER_VALUE,
-    KV_TYPES,
     BatchDecoder,
     SeqResult,
     SeqSpec,
+    check_kv_type,
 )
 from magpie.engines.llamacpp_runtime import (
     RUNTIMES,
@@ -110,12 +110,7 @@ class LlamaCppEngine:
         with path.open("rb") as handle:
             if handle.read(4) != b"GGUF":
                 raise EngineError(f"{path} is not a GGUF file: pass --model with a GGUF model file")
-        kv_type = kv_type or DEFAULT_KV_TYPE
-        if kv_type not in KV_TYPES:
-            raise EngineError(
-                f"kv_type={kv_type!r} is not a KV cache type: use one of {', '.join(KV_TYPES)}"
-            )
-        self.kv_type = kv_type
+        self.kv_type = kv_type = check_kv_type(kv_type or DEFAULT_KV_TYPE)
         if int(batch_size) < 1:
             raise EngineError(f"batch_size must be >= 1, got {batch_size}: fix engine options")
         self.weights = (
@@ -147,9 +142,10 @@ class LlamaCppEngine:
                     f"llama.cpp could not load {path}: pass --model with a GGUF model file"
                 ) from exc
         self._model_id = BUNDLED_MODEL_ID if model is None else source.name
-        labels = [self.weights.label()] + ([f"KV {kv_type.upper()}"] if kv_type != "f16" else [])
-        if any(labels):
-            self._model_id = f"{self._model_id} ({', '.join(x for x in labels if x)})"
+        kv_label = f"KV {kv_type.upper()}" if kv_type != "f16" else ""
+        labels = [label for label in (self.weights.label(), kv_label) if label]
+        if labels:
+            self._model_id = f"{self._model_id} ({', '.join(labels)})"
         self._info = self._read_info()
         self._decoder: BatchDecoder | None = None
         self._bans: dict[tuple[str, ...], tuple[int, ...]] = {}

@@ -50,6 +50,17 @@ LAST_N_PENALTY = 64
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 """KV cache types (ggml type ids). `q8_0` stores 8-bit values with a scale per 32 (half of F16)."""
 KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32}
+
+
+def check_kv_type(kv_type: str) -> str:
+    """`kv_type` if it names a KV cache type, else the one-line error that says which do."""
+    if kv_type not in KV_TYPES:
+        raise EngineError(
+            f"kv_type={kv_type!r} is not a KV cache type: use one of {', '.join(KV_TYPES)}"
+        )
+    return kv_type
+
+
 MIN_GROUP_PREFIX = 16
 """Fewest tokens beyond the root that different prompts must share to be evaluated once."""
 MIN_STREAM_CELLS = 256
@@ -155,8 +166,7 @@ class BatchDecoder:
         adaptive_threads: bool = False,
         kv_type: str = "f16",
     ) -> None:
-        if kv_type not in KV_TYPES:
-            raise EngineError(f"kv_type={kv_type!r} is not one of {', '.join(KV_TYPES)}")
+        check_kv_type(kv_type)
         if kv_type != "f16" and not flash_attn:
             raise EngineError(f"kv_type={kv_type!r} needs flash attention")
         self._llm = llm
