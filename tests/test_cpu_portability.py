@@ -251,3 +251,18 @@ def test_vllm_cpu_dtype_and_eager_mode_follow_the_cpu(monkeypatch, flags, expect
     monkeypatch.setattr(rt, "cpu_facts", lambda: {"flags": flags})
     assert vllm.cpu_settings("auto", None) == expected
     assert vllm.cpu_settings("bfloat16", False) == ("bfloat16", False)
+
+
+@pytest.mark.parametrize(
+    ("cores", "user", "expected"), [(2, None, "0"), (8, None, None), (2, "1", "1")]
+)
+def test_vllm_cpu_reserves_no_core_on_a_small_machine(monkeypatch, cores, user, expected) -> None:
+    from magpie.engines import vllm
+
+    monkeypatch.setattr(vllm.os, "cpu_count", lambda: cores)
+    monkeypatch.setenv(vllm.RESERVED_CPU_ENV, "")  # so that the test's own setting is undone
+    monkeypatch.delenv(vllm.RESERVED_CPU_ENV)
+    if user is not None:
+        monkeypatch.setenv(vllm.RESERVED_CPU_ENV, user)
+    assert vllm.reserved_cpu_cores() == expected
+    assert os.environ.get(vllm.RESERVED_CPU_ENV) == expected

@@ -21,7 +21,12 @@ from test_vllm_engine import _skip_reason
 from magpie import pipeline
 from magpie.config import InstructionsConfig, ResponsesConfig
 from magpie.engines.llamacpp import bundled_model_path
-from magpie.engines.vllm import cpu_settings, export_dtype, hf_dir_for_gguf
+from magpie.engines.vllm import (
+    cpu_settings,
+    export_dtype,
+    hf_dir_for_gguf,
+    reserved_cpu_cores,
+)
 from magpie.runner import ProgressView
 from magpie.store import ShardStore
 
@@ -52,6 +57,7 @@ def server(tmp_path_factory) -> Iterator[str]:
     if not _has_cuda():
         cmd += ["--gpu-memory-utilization", "0.3", "--no-enable-chunked-prefill"]
         cmd += ["--dtype", dtype] + (["--enforce-eager"] if eager else [])
+        reserved_cpu_cores()  # on 2 cores: VLLM_CPU_NUM_OF_RESERVED_CPU=0, as the README says
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}/v1"
