@@ -97,7 +97,7 @@ def cpu_settings(dtype: str, enforce_eager: bool | None) -> tuple[str, bool]:
     """(dtype, eager mode) for vLLM's CPU backend on this CPU.
 
     Without AVX-512 BF16 or AMX, bfloat16 matmuls fall back from oneDNN to slow torch code:
-    float32 decodes 4-5x faster there (measured on an AVX2 EPYC: 110 vs ~25 tok/s, 256 prompts).
+    float32 decodes ~5x faster there (measured on an AVX2 EPYC: 110 vs ~20 tok/s, 256 prompts).
     Without AVX-512, torch.compile's warm-up costs ~170 s of start-up and gave no speed, so the
     model runs eagerly (start-up 53 s). An explicit dtype or `enforce_eager` is kept.
     """
