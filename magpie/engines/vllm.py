@@ -170,13 +170,13 @@ class VLLMEngine:
                 "--engine llamacpp"
             ) from exc
         cuda = has_cuda()
+        self.settings: dict[str, Any]
         if cuda:
             enforce_eager = bool(enforce_eager)
+            self.settings = {"device": "cuda", "dtype": dtype, "enforce_eager": enforce_eager}
         else:
             dtype, enforce_eager = cpu_settings(dtype, enforce_eager)
-        self.settings: dict[str, Any] = {"device": "cuda" if cuda else "cpu", "dtype": dtype}
-        self.settings["enforce_eager"] = enforce_eager
-        if not cuda:
+            self.settings = {"device": "cpu", "dtype": dtype, "enforce_eager": enforce_eager}
             self.settings["reserved_cpu_cores"] = reserved_cpu_cores()
         path, self._model_id = resolve_model(model, dtype)
         extra = {} if cuda else cpu_scheduler_options(path, max_model_len, trust_remote_code)

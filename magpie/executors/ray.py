@@ -173,8 +173,8 @@ class RayExecutor:
         (none on a cluster without GPUs, where vLLM runs its CPU build)."""
         gpus = self.spec.num_gpus
         engine = _engine_spec(job)
-        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-        if gpus is None and engine is not None and engine.name == "vllm" and has_gpus:
+        vllm = gpus is None and engine is not None and engine.name == "vllm"
+        if vllm and ray.cluster_resources().get("GPU", 0) > 0:
             options = engine.options
             gpus = float(
                 int(options.get("tensor_parallel_size", 1))
