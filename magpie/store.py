@@ -109,7 +109,10 @@ def atomic_write_bytes(path: AnyPath, data: bytes) -> None:
 
 
 def atomic_write_table(path: AnyPath, table: pa.Table) -> None:
-    """Write a Parquet file atomically (temp file, fsync, rename; one put on an object store)."""
+    """Write a Parquet file atomically (temp file, fsync, rename; one put on an object store).
+    The table is made one chunk per column first: the file's bytes then depend on its rows only,
+    not on how the table was sliced from others."""
+    table = table.combine_chunks()
     if isinstance(path, RemotePath):
         path.write_bytes(table_bytes(table))
         return

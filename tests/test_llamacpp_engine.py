@@ -6,7 +6,7 @@ import pytest
 
 from magpie.engines.base import Engine, EngineError, Request, Sampling, create_engine
 from magpie.engines.llamacpp import bundled_model_path
-from magpie.engines.llamacpp_batch import SeqSpec, common_prefix
+from magpie.engines.llamacpp_batch import SeqSpec, batch_layout, common_prefix, micro_batches
 
 PRE_QUERY = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -145,9 +145,7 @@ def test_prompts_sharing_a_long_prefix_are_evaluated_once_with_the_same_results(
     for prompt, result in zip(prompts, together, strict=True):
         alone = engine.generate([Request(prompt, greedy, seed=0)])[0][0]
         assert result[0].text == alone.text
-        top, top_alone = result[0].top_logprobs[0], alone.top_logprobs[0]
-        assert max(top, key=top.get) == max(top_alone, key=top_alone.get)
-        assert all(abs(top[t] - top_alone[t]) < 0.02 for t in top.keys() & top_alone.keys())
+        assert result[0].top_logprobs == alone.top_logprobs
 
 
 def test_admission_held_back_runs_sequences_one_after_another(engine) -> None:
@@ -166,3 +164,55 @@ def test_admission_held_back_runs_sequences_one_after_another(engine) -> None:
     assert held == [0, 1]
     alone = decoder.run(specs[1:])[0]
     assert results[1] is not None and alone is not None and results[1].text == alone.text
+
+
+def test_decodes_are_cut_as_llama_cpp_cuts_them_and_never_leave_a_token_alone() -> None:
+    # three streams, the third with a prompt chunk: one token each, then the chunk's rest
+    assert micro_batches({0: 1, 1: 1, 2: 3}, 512) == [
+        [(0, 0, 1), (1, 0, 1), (2, 0, 1)],
+        [(2, 1, 2)],
+    ]
+    # a gap in the ids starts a new micro-batch; n_ubatch caps tokens per micro-batch
+    assert micro_batches({0: 2, 2: 2}, 512) == [[(0, 0, 2)], [(2, 0, 2)]]
+    assert micro_batches({0: 4, 1: 4}, 4) == [[(0, 0, 2), (1, 0, 2)], [(0, 2, 2), (1, 2, 2)]]
+    # a chunk of two beside generating streams would leave its second token alone: it waits
+    assert batch_layout({0: 1, 1: 2}, 512) == [[(0, 0, 1), (1, 0, 1)]]
+    assert batch_layout({0: 1, 1: 5, 2: 3}, 512) == micro_batches({0: 1, 1: 5, 2: 3}, 512)
+    for cut in batch_layout({0: 1, 1: 2, 2: 4, 3: 2}, 512):
+        assert sum(take for _, _, take in cut) >= 2
+
+
+def test_a_sequence_gets_the_same_text_whatever_it_is_batched_with() -> None:
+    """Each request alone, all together, with 3 slots, with 16 tokens per decode: the same
+    texts and log-probabilities, sampled or greedy, for a prompt that shares nothing but the
+    template, n samples sharing a prompt, and a prompt with more than 63 tokens of its own."""
+    from magpie.engines.llamacpp import LlamaCppEngine
+
+    story = "Tell me about the sea, its ships and the sailors who crossed it long ago. " * 6
+    prompts = [
+        PRE_QUERY + q + "<|im_end|>\n<|im_start|>assistant\n"
+        for q in ("Name a colour.", "Why is the sky blue?", story)
+    ]
+    sampled = Sampling(temperature=1.0, max_tokens=16, stop=("<|im_end|>",), logprobs=2)
+    greedy = Sampling(temperature=0.0, max_tokens=16, logprobs=2)
+    requests = [Request(PRE_QUERY, sampled, seed=3), Request(prompts[0], sampled, n=3, seed=7)]
+    requests += [Request(p, greedy, seed=0) for p in prompts[1:]]
+
+    def outcome(results) -> list:
+        return [[(c.text, c.top_logprobs) for c in r] for r in results]
+
+    runs = {}
+    for label, options in (
+        ("32", {}),
+        ("3 slots", {"batch_size": 3}),
+        ("n_batch 16", {"n_batch": 16}),
+    ):
+        llm = LlamaCppEngine(n_ctx=1024, **options)
+        try:
+            runs[label] = outcome(llm.generate(requests))
+            if label == "32":
+                runs["alone"] = [outcome(llm.generate([r]))[0] for r in requests]
+        finally:
+            llm.close()
+    assert runs["alone"] == runs["32"] == runs["3 slots"] == runs["n_batch 16"]
+    assert len({text for text, _ in runs["32"][1]}) == 3

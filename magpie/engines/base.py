@@ -35,6 +35,10 @@ class Sampling:
     """Token texts the first generated token may not be (each one token of the model)."""
     first_token_boost: float = 1.0
     """The first token's logits are divided by this before sampling (on top of temperature)."""
+    exact: bool = True
+    """An engine that can (llama.cpp) gives this request the same completions whatever it is
+    decoded with. False lets llama.cpp evaluate a long prompt's own tokens with its faster tiled
+    attention, at the price of results that depend on the batch (a judge's long prompts)."""
 
     @property
     def first_token_controls(self) -> bool:
@@ -120,6 +124,13 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release the model."""
         ...
+
+
+def batch_invariant(engine: Engine) -> bool:
+    """Whether an engine's completions of a request are the same whatever it is decoded with
+    (an engine says so with a true `batch_invariant` attribute): then the requests of several
+    shards may go to one call and each shard still gets the rows it gets alone."""
+    return bool(getattr(engine, "batch_invariant", False))
 
 
 StopWhen = Callable[[int, list[Completion]], bool]

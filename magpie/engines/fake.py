@@ -90,6 +90,7 @@ class FakeEngine:
     """Text depends only on (prompt, seed, sample index, max_tokens): any process, any order."""
 
     name = "fake"
+    batch_invariant = True
 
     def __init__(
         self,

@@ -2,9 +2,10 @@
 
 Every `generate` call decodes its requests together (continuous batching over llama.cpp's batch
 API, see `llamacpp_batch`): the prompt prefix they share is evaluated once, the n samples of a
-request share its prompt, and up to `batch_size` sequences decode in each step. A call's results
-depend only on its requests and the engine's settings (not on what ran before, nor on the thread
-count), so a stage that hands a whole shard to one call reproduces that shard exactly on resume.
+request share its prompt, and up to `batch_size` sequences decode in each step. A request's
+completions depend only on the request and the engine's settings, not on the requests decoded
+with it, nor on what ran before or the thread count: stages may pool several shards into one call
+and still reproduce each shard exactly on resume.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class LlamaCppEngine:
     name = "llamacpp"
     sampler_id = SAMPLER_ID
     """Plain temperature sampling draws through `llamacpp_sampling` (it enters dataset identity)."""
+    batch_invariant = True
+    """A request's completions do not depend on the requests decoded with it (`llamacpp_batch`),
+    so callers may pool the requests of several shards into one call."""
 
     def __init__(
         self,

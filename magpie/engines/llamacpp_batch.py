@@ -9,8 +9,9 @@ One `BatchDecoder.run` call completes a list of sequences (a prompt, its samplin
   the root (a judge's prompts for the answers to one instruction) shares that longer prefix the
   same way, each then evaluating only its own rest;
 - up to `n_seq` sequences decode together; each step feeds one token of every running sequence
-  plus prompt chunks of newly admitted ones, never more than `capacity` tokens per decode; a
-  finished sequence's slot goes to the next waiting one (admitted in order);
+  plus prompt chunks of newly admitted ones (at most `capacity` tokens in all, and for exact
+  requests at most `STREAM_CHUNK` of one sequence); a finished sequence's slot goes to the next
+  waiting one (admitted in order);
 - every sequence has its own KV stream (llama.cpp's non-unified cache), sized per call for the
   longest prompt + max_tokens: attention then reads only a sequence's own cells. (A unified
   cache makes every token scan every sequence's cells: at 64 sequences that scan cost more than
@@ -22,9 +23,16 @@ One `BatchDecoder.run` call completes a list of sequences (a prompt, its samplin
   pick and is applied to the whole vocabulary only when it refuses it; the first generated
   token's logits can be steered first (banned ids, a temperature boost).
 
-Determinism: the KV cache is cleared at the start of every call and the schedule depends only on
-the sequences and the decoder's settings, so a call's results depend only on its inputs (the
-logits of a sequence do depend on what it was batched with, hence not on its seed alone).
+Determinism: a call's results depend only on its sequences and the decoder's settings, not on
+what ran before nor on the thread count. An exact request (`Sampling.exact`, the default) goes
+further: its results depend only on its prompt, sampling and seed (and the model, weights type,
+KV type and CPU kernels), not on what it is decoded with, `batch_size` or `n_batch` (2 or more).
+llama.cpp's CPU kernels compute a token the same way in any batch except in three cases, which
+the decoder keeps out: a micro-batch of one token (a vector kernel instead of the matrix one;
+`_decode` adds a companion token), a micro-batch with one row of logits (the last layer then runs
+on that row alone; `_step` asks for a second row) and 64 or more tokens of one sequence in a
+micro-batch (tiled flash attention: exact requests are fed in chunks of `STREAM_CHUNK`). See
+`batch_layout` for how llama.cpp cuts a decode into micro-batches.
 """
 
 from __future__ import annotations
@@ -63,6 +71,10 @@ def check_kv_type(kv_type: str) -> str:
 
 MIN_GROUP_PREFIX = 16
 """Fewest tokens beyond the root that different prompts must share to be evaluated once."""
+STREAM_CHUNK = 63
+"""Most tokens of one exact sequence per decode: llama.cpp's CPU flash attention computes 64 or
+more query tokens of a stream with a tiled kernel, faster for long prompts, whose results differ
+slightly. (A CPU judge's long prompts ran about 25% slower without it: the judge is inexact.)"""
 MIN_STREAM_CELLS = 256
 """Smallest KV stream; streams grow in powers of two, so calls of similar length share a context."""
 
@@ -126,6 +138,46 @@ class _Live:
     result: SeqResult | None = None
 
 
+def micro_batches(counts: dict[int, int], n_ubatch: int) -> list[list[tuple[int, int, int]]]:
+    """How llama.cpp cuts a decode of `counts` tokens per sequence id (fed in id order) into
+    micro-batches when every sequence has its own KV stream (`split_equal`): each takes a run of
+    consecutive ids and the same number of tokens from each, as many as all of them have left
+    (at most `n_ubatch` in all). Each micro-batch: (sequence, first token, tokens) per member."""
+    left = dict(counts)
+    done = dict.fromkeys(counts, 0)
+    cuts: list[list[tuple[int, int, int]]] = []
+    while any(left.values()):
+        run: list[int] = []
+        for seq in sorted(s for s, n in left.items() if n):
+            if run and seq != run[-1] + 1:
+                break
+            run.append(seq)
+        take = max(1, min(min(left[s] for s in run), n_ubatch // len(run)))
+        cuts.append([(seq, done[seq], take) for seq in run])
+        for seq in run:
+            left[seq] -= take
+            done[seq] += take
+    return cuts
+
+
+def batch_layout(counts: dict[int, int], n_ubatch: int) -> list[list[tuple[int, int, int]]]:
+    """The micro-batches of a decode that wants `counts` tokens per sequence (at least 1 each),
+    feeding fewer tokens of a prompt where needed so that none holds a single token.
+
+    llama.cpp's CPU matrix product runs one row with a vector kernel and two or more with a
+    matrix kernel, whose sums round differently: were a sequence ever computed alone in a
+    micro-batch, its text would depend on what it was batched with. (A lone token that is all
+    a decode holds gets a companion in `BatchDecoder._decode`; rows of logits are made two or
+    more in `BatchDecoder._step`.)"""
+    counts = dict(counts)
+    while True:
+        cuts = micro_batches(counts, n_ubatch)
+        lone = next((c[0][0] for c in cuts if len(c) == 1 and c[0][2] == 1 and c[0][1]), None)
+        if lone is None:
+            return cuts
+        counts[lone] -= 1  # the rest of its prompt waits for the next decode
+
+
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix all `prompts` share, leaving each at least one token."""
     if not prompts:
@@ -173,6 +225,8 @@ class BatchDecoder:
         self._vocab = llm._model.vocab
         self.capacity = max(1, capacity)
         self.n_seq = max(1, min(n_seq, self.capacity, llama_cpp.llama_max_parallel_sequences() - 2))
+        self._chunk = min(STREAM_CHUNK, self.capacity)
+        self._n_ubatch = min(self.capacity, max(1, llm.context_params.n_ubatch))
         self.n_cells = n_cells
         self._flash_attn, self._threads, self._adaptive = flash_attn, n_threads, adaptive_threads
         self.kv_type = kv_type
@@ -205,7 +259,7 @@ class BatchDecoder:
         params.n_seq_max = slots + 2  # + the root (shared prefix) and the holder (shared prompt)
         params.n_ctx = cells * params.n_seq_max
         params.n_batch = self.capacity
-        params.n_ubatch = min(self.capacity, max(1, llm.context_params.n_ubatch))
+        params.n_ubatch = self._n_ubatch
         # llama.cpp sizes its output buffers for max(outputs, sequences) and asserts that fits
         # `n_outputs_max` (default n_batch): with one-token batches it would not.
         params.n_outputs_max = max(self.capacity, params.n_seq_max)
@@ -252,7 +306,8 @@ class BatchDecoder:
         llama_cpp.llama_memory_clear(self._memory, False)
         root = common_prefix([s.tokens for s in specs])
         groups = self._groups(specs, root)
-        self._eval_root(specs[0].tokens[:root])
+        exact = any(spec.sampling.exact for spec in specs)
+        self._eval_root(specs[0].tokens[:root], self._chunk if exact else self.capacity)
         order = [(g, i) for g in groups for i in g.members]
         free = list(range(self._slots))
         running: list[_Live] = []
@@ -386,43 +441,68 @@ class BatchDecoder:
         llama_cpp.llama_memory_seq_cp(self._memory, source, target, -1, -1)
         llama_cpp.llama_memory_seq_rm(self._memory, target, upto, -1)
 
-    def _eval_root(self, tokens: list[int]) -> None:
-        """Evaluate the shared prefix into the root sequence, no logits."""
-        for start in range(0, len(tokens), self.capacity):
-            chunk = tokens[start : start + self.capacity]
-            self._fill([(t, start + k, self._root, False) for k, t in enumerate(chunk)])
-            self._decode()
+    def _eval_root(self, tokens: list[int], most: int) -> None:
+        """Evaluate the shared prefix into the root sequence, no logits, in chunks of at most
+        `most` tokens and (when there are two or more) never of one token."""
+        count = -(-len(tokens) // most) if tokens else 0
+        start = 0
+        for number in range(count):
+            size = (len(tokens) - start) // (count - number)
+            chunk = tokens[start : start + size]
+            self._decode([(t, start + k, self._root, False) for k, t in enumerate(chunk)])
+            start += size
 
     def _step(self, running: list[_Live]) -> list[tuple[_Live, int]]:
-        """One decode: a token of every generating sequence, then prompt chunks; who samples."""
+        """One decode: every running sequence's next token and prompt chunks of those still
+        prefilling, laid out so that no micro-batch holds a single token or a single row of
+        logits (see `batch_layout`); returns who samples and at which batch index."""
+        by_slot = {live.slot: live for live in running}
+        counts = dict.fromkeys(sorted(by_slot), 1)  # all fed: slots 0..k-1 stay one run
+        room = self.capacity - len(running)
+        for live in running:  # prompt chunks, in admission order
+            if room > 0 and live.pos < len(live.spec.tokens):
+                chunk = self._chunk if live.spec.sampling.exact else self.capacity
+                more = min(room, len(live.feed), chunk) - 1
+                counts[live.slot] += more
+                room -= more
+        cuts = batch_layout(counts, self._n_ubatch)
+        fed = {seq: 0 for seq in counts}
+        for cut in cuts:
+            for seq, _, take in cut:
+                fed[seq] += take
         entries: list[tuple[int, int, int, bool]] = []
+        index: dict[tuple[int, int], int] = {}
         sampled: list[tuple[_Live, int]] = []
-        fed: list[tuple[_Live, int]] = []
-        generating = [live for live in running if live.pos >= len(live.spec.tokens)]
-        prefilling = [live for live in running if live.pos < len(live.spec.tokens)]
-        room = self.capacity
-        for live in generating + prefilling:
-            if room <= 0:
-                break
-            count = min(room, len(live.feed))
-            fed.append((live, count))
-            room -= count
-        # in slot order: llama.cpp cuts a decode into one micro-batch per run of consecutive
-        # sequence ids (each a whole pass over the weights)
-        for live, count in sorted(fed, key=lambda item: item[0].slot):
+        for slot, count in fed.items():
+            live = by_slot[slot]
             for k, token in enumerate(live.feed[:count]):
                 last = k == count - 1 and count == len(live.feed)
                 if last:
                     sampled.append((live, len(entries)))
-                entries.append((token, live.pos + k, live.slot, last))
-        self._fill(entries)
-        self._decode()
-        for live, count in fed:
-            live.pos += count
-            del live.feed[:count]
+                index[slot, k] = len(entries)
+                entries.append((token, live.pos + k, slot, last))
+        for cut in cuts:  # a micro-batch with one row of logits gets a second one
+            rows = [index[seq, first + k] for seq, first, take in cut for k in range(take)]
+            if len(rows) > 1 and sum(entries[i][3] for i in rows) == 1:
+                spare = next(i for i in rows if not entries[i][3])
+                entries[spare] = (*entries[spare][:3], True)
+        self._decode(entries)
+        for slot, count in fed.items():
+            by_slot[slot].pos += count
+            del by_slot[slot].feed[:count]
         return sampled
 
-    def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One `llama_decode` of (token, position, sequence, wants logits) entries. A lone token
+        gets a companion in the next sequence, removed afterwards: llama.cpp computes a
+        one-token micro-batch with other kernels (see `batch_layout`)."""
+        if not entries:
+            return
+        pad = None
+        if len(entries) == 1 and self.capacity >= 2:
+            seq = entries[0][2] + 1
+            pad = (seq, llama_cpp.llama_memory_seq_pos_max(self._memory, seq) + 1)
+            entries = [*entries, (entries[0][0], pad[1], seq, entries[0][3])]
         batch = self._batch
         for i, (token, pos, seq, logits) in enumerate(entries):
             batch.token[i] = token
@@ -431,13 +511,11 @@ class BatchDecoder:
             batch.seq_id[i][0] = seq
             batch.logits[i] = logits
         batch.n_tokens = len(entries)
-
-    def _decode(self) -> None:
-        if self._batch.n_tokens == 0:
-            return
         if self._governor is not None:
             self._governor.tick()
-        code = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
+        code = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if pad is not None:
+            llama_cpp.llama_memory_seq_rm(self._memory, pad[0], pad[1], -1)
         if code != 0:
             raise EngineError(
                 f"llama_decode failed (code {code}): the KV cache is full; raise the engine "

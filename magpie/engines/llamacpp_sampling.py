@@ -20,10 +20,10 @@ import numpy as np
 
 from magpie.engines.base import Sampling
 
-SAMPLER_ID = "magpie-inverse-cdf-1/schedule-2"
-"""Names this sampling algorithm, and the batch schedule that feeds it (schedule 2: shared
-prefixes beyond the root, aimed blocks that hold attempts back), in a dataset's identity: other
-draws, or other batches, give other texts."""
+SAMPLER_ID = "magpie-inverse-cdf-1/schedule-3"
+"""Names this sampling algorithm, and the batch schedule that feeds it (schedule 3: decodes laid
+out so that a sequence's results do not depend on its batch, see `llamacpp_batch`), in a
+dataset's identity: other draws, or other batch layouts, give other texts."""
 BLOCK = 1024
 """Tokens per block of the two-level search (block sums, then one block's cumulative sum)."""
 CLIP = np.float32(-87.0)

@@ -48,6 +48,12 @@ class ExecutorSpec(BaseModel):
     )
     max_in_flight: int = Field(2, gt=0, description="shards queued per actor")
     max_retries: int = Field(3, ge=0, description="restarts of a dead actor / retries of a shard")
+    pool_shards: int = Field(
+        4,
+        gt=0,
+        description="local: consecutive shards decoded in one engine call when the engine's "
+        "results do not depend on the batch (committed one by one after it); 1 = one at a time",
+    )
 
 
 @dataclass
@@ -332,4 +338,4 @@ def create_executor(spec: ExecutorSpec | None, engines: Any = None) -> Executor:
         return RayExecutor(spec)
     from magpie.executors.local import LocalExecutor
 
-    return LocalExecutor(engines)
+    return LocalExecutor(engines, pool_shards=spec.pool_shards)

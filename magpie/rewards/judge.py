@@ -318,7 +318,11 @@ class JudgeRewardModel:
         return [math.nan if p is None else next(values) for p in prompts]
 
     def _complete(self, prompts: Sequence[str], max_tokens: int) -> list[Completion]:
-        sampling = Sampling(temperature=0.0, max_tokens=max_tokens, logprobs=self.top_k)
+        # long prompts: exact batching would forgo llama.cpp's tiled attention (about 25% of a
+        # CPU judge's time); a score then depends on its shard, so judge shards are not pooled
+        sampling = Sampling(
+            temperature=0.0, max_tokens=max_tokens, logprobs=self.top_k, exact=False
+        )
         results = self.engine.generate([Request(p, sampling) for p in prompts])
         completions = [r[0] for r in results]
         if any(c.top_logprobs is None for c in completions):

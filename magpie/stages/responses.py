@@ -13,7 +13,7 @@ import hashlib
 import pyarrow as pa
 
 from magpie.config import ResponsesConfig
-from magpie.engines.base import Engine, Request, Sampling
+from magpie.engines.base import Engine, Request, Sampling, batch_invariant
 from magpie.schema import RESPONSE_COLUMNS, SHAREGPT_MESSAGE
 from magpie.stages.base import Progress, TransformOutput, dialogue
 from magpie.templates import ChatFormat
@@ -74,20 +74,29 @@ class ResponseStage:
             )
         results = self.engine.generate(requests, progress.on_done)
         columns: dict[str, list] = {name: [] for name in RESPONSE_COLUMNS}
-        tokens = 0
         for completions in results:
             columns["responses"].append([c.text.strip() for c in completions])
             columns["response_finish_reasons"].append([c.finish_reason for c in completions])
             columns["response_tokens"].append([c.completion_tokens for c in completions])
             columns["gen_response_configs"].append(self.gen_config)
-            tokens += sum(c.completion_tokens for c in completions)
         out = table
         for name, values in columns.items():
             out = _set_column(out, name, pa.array(values, type=RESPONSE_COLUMNS[name]))
         if self.config.n == 1:
             out = _with_sft_shape(out, rows, columns["responses"])
-        truncated = sum(r.count("length") for r in columns["response_finish_reasons"])
-        return TransformOutput(rows=out, tokens=tokens, rejections={"truncated_kept": truncated})
+        return self.account(out)
+
+    @property
+    def poolable(self) -> bool:
+        """Whether several shards may be sampled in one engine call (see `batch_invariant`)."""
+        return batch_invariant(self.engine)
+
+    def account(self, rows: pa.Table) -> TransformOutput:
+        """The output of these rows with its bookkeeping: tokens and truncated responses."""
+        tokens = sum(sum(t) for t in rows.column("response_tokens").to_pylist())
+        reasons = rows.column("response_finish_reasons").to_pylist()
+        truncated = sum(r.count("length") for r in reasons)
+        return TransformOutput(rows=rows, tokens=tokens, rejections={"truncated_kept": truncated})
 
 
 def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:

@@ -65,7 +65,6 @@ class RewardStage:
         for (i, j), value in zip(places, scores, strict=True):
             if value is not None and math.isfinite(value):
                 rewards[i][j] = float(value)
-        unscored = sum(v is None for r in rewards for v in r)
         out = table
         for name, values, dtype in [
             ("rewards", rewards, REWARD_COLUMNS["rewards"]),
@@ -81,7 +80,19 @@ class RewardStage:
                 out = out.set_column(out.column_names.index(name), name, array)
             else:
                 out = out.append_column(name, array)
-        return TransformOutput(rows=out, rejections={"unscored": unscored} if unscored else {})
+        return self.account(out)
+
+    @property
+    def poolable(self) -> bool:
+        """Whether several shards may be scored in one call: only by a scorer that says its
+        scores do not depend on the batch (a classifier's padded batches and the judge's
+        inexact long prompts do)."""
+        return bool(getattr(self.scorer, "batch_invariant", False))
+
+    def account(self, rows: pa.Table) -> TransformOutput:
+        """The output of these rows with its bookkeeping: responses left unscored."""
+        unscored = sum(v is None for r in rows.column("rewards").to_pylist() for v in r)
+        return TransformOutput(rows=rows, rejections={"unscored": unscored} if unscored else {})
 
 
 def _row_progress(places: list[tuple[int, int]], progress: Progress) -> Callable[[int], None]:

@@ -1,0 +1,93 @@
+"""Shards pooled into one engine call (llama.cpp's exact requests do not depend on the batch): the
+same shards, byte for byte, as one call per shard; judges and classifiers are never pooled."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from rich.console import Console
+
+from magpie import pipeline
+from magpie.config import InstructionsConfig, ResponsesConfig, ScoreConfig
+from magpie.engines.base import EnginePool
+from magpie.executors.base import ExecutorSpec, ProgressView
+from magpie.executors.local import LocalExecutor, _pools
+from magpie.stages.rewards import RewardStage
+from magpie.store import ShardStore
+
+
+def view() -> ProgressView:
+    return ProgressView(Console(file=io.StringIO()), enabled=False)
+
+
+def shards(path: Path) -> list[tuple[list[dict], dict]]:
+    """Each shard's rows and bookkeeping, less the config hash (it names the input's path)."""
+    store = ShardStore(path)
+    out = []
+    for index in store.shard_indices():
+        info = store.shard_info(index)
+        del info["config_hash"]
+        out.append((store.read_shard(index).to_pylist(), info))
+    return out
+
+
+def files(path: Path) -> list[bytes]:
+    store = ShardStore(path)
+    return [store.shard_path(index).read_bytes() for index in store.shard_indices()]
+
+
+def test_pools_are_runs_of_consecutive_pending_shards() -> None:
+    assert list(_pools([0, 1, 2, 3, 4], 2)) == [[0, 1], [2, 3], [4]]
+    assert list(_pools([1, 3, 4, 5, 9], 4)) == [[1], [3, 4, 5], [9]]
+    assert list(_pools([0, 1], 1)) == [[0], [1]]
+    assert ExecutorSpec().pool_shards == 4
+
+
+def test_pooled_responses_equal_one_call_per_shard(tmp_path: Path) -> None:
+    """7 instructions in shards of 2: responses made 4 shards per call (the last pool short) and
+    one shard per call give identical shard files and bookkeeping, and so do the judge's scores
+    of them (never pooled)."""
+    engine = {"name": "llamacpp", "options": {"n_ctx": 1024}}
+    instructions = InstructionsConfig.model_validate(
+        {"engine": engine, "num": 7, "max_tokens": 40, "shard_size": 16}
+    )
+    pipeline.instructions(instructions, tmp_path / "ins", view())
+    responses = ResponsesConfig.model_validate(
+        {"engine": engine, "n": 3, "max_tokens": 24, "temperature": 0.8, "shard_size": 2}
+    )
+    score = ScoreConfig(shard_size=2, judge_engine=engine)
+    runs = {}
+    engines = EnginePool()
+    try:
+        for pool in (1, 4):
+            executor = LocalExecutor(engines, pool_shards=pool)
+            out = tmp_path / f"pool{pool}"
+            pipeline.responses(responses, tmp_path / "ins", out / "res", view(), executor=executor)
+            summary = pipeline.score(score, out / "res", out / "scored", view(), executor=executor)
+            assert summary.complete and summary.shards == 4
+            runs[pool] = (shards(out / "res"), shards(out / "scored"), files(out / "res"))
+    finally:
+        engines.close()
+    assert runs[1] == runs[4]  # the responses' files byte for byte (same input, same hash)
+    res_shards = runs[4][0]
+    assert [info["input_rows"] for _, info in res_shards] == [2, 2, 2, 1]
+    assert all(info["tokens"] > 0 for _, info in res_shards)
+
+
+def test_judges_and_classifiers_are_not_pooled(tmp_path: Path) -> None:
+    from magpie.engines.fake import FakeEngine
+    from magpie.rewards.judge import JudgeRewardModel
+    from magpie.templates import chat_format_for
+
+    class Classifier:
+        model_id, column = "rm", "rewards_rm"
+
+    class Invariant(Classifier):
+        batch_invariant = True
+
+    engine = FakeEngine()
+    fmt = chat_format_for(engine.info.chat_template, eos_token=engine.info.eos_token)
+    judge = JudgeRewardModel(engine, fmt, engine.info.model_id)
+    assert not RewardStage(judge).poolable and not RewardStage(Classifier()).poolable
+    assert RewardStage(Invariant()).poolable
