@@ -7,9 +7,9 @@ Q4_1 file, the faster type one sequence at a time):
 - raw batched: llama.cpp's batch API driven directly (this file's own driver: the prefix
   evaluated once and its KV shared, every sequence's token drawn by the engine's numpy sampler
   from its own seeded generator, so both make the same draws, `--batch` sequences per decode)
-  over the pipeline's attempt blocks one after another, the ceiling the pipeline should reach
-  (target pipeline/raw-batched >= 0.95); and once more over all attempts as one pool (no block
-  tails: what exact resume by fixed attempt blocks costs);
+  over the pipeline's attempt blocks one after another (target pipeline/raw-batched >= 0.95);
+  and once more over all attempts as one pool (no block tails). The pipeline now starts the
+  next block's attempts in a block's tail (spare requests), so one pool is its ceiling;
 - raw single-stream: llama-cpp-python's `create_completion` one attempt at a time, what the
   engine did before batching (target pipeline/single >= 3 at the default batch).
 Tokens are counted as sampled, the end-of-turn token included, on every side; the pipeline's
@@ -53,12 +53,13 @@ def run_pipeline(engine: LlamaCppEngine, config: InstructionsConfig) -> tuple[fl
         store = ShardStore(Path(tmp) / "ins")
         store.open_for_write("instructions", {}, "bench", overwrite=False)
         progress = ProgressView(Console(stderr=True), enabled=False).stage("bench", config.num)
-        sampled = engine._decoder.sampled_tokens
+        sampled, decodes = engine._decoder.sampled_tokens, engine._decoder.decodes
         started = time.perf_counter()
         summary = run_source(
             stage, store, config.num, config.shard_size, config.attempt_budget(), progress
         )
         seconds = time.perf_counter() - started
+    print(f"    pipeline decodes: {engine._decoder.decodes - decodes} (llama_decode calls)")
     return seconds, summary.attempts, engine._decoder.sampled_tokens - sampled
 
 

@@ -112,9 +112,9 @@ def test_an_aimed_block_holds_attempts_back_while_those_in_flight_may_suffice() 
     """The stop rule's `admit`: with 0 of 3 rows, 5 attempts in flight could give them (half of
     them counted on), 6 could; each row counted lowers the need."""
     from magpie.engines.base import Completion
+    from magpie.stages.instructions import _EnoughRows
 
-    stage = stage_of(FakeEngine())
-    rule = stage._enough(3, set())
+    rule = _EnoughRows(stage_of(FakeEngine()), 3, set(), 12)
     assert rule.admit(0) and rule.admit(5) and not rule.admit(6)
     good = Completion("What is the boiling point of water?", "stop", 10, 9)
     assert not rule(1, [good])  # out of order: not counted until attempt 0 finishes
@@ -126,3 +126,20 @@ def test_an_aimed_block_holds_attempts_back_while_those_in_flight_may_suffice() 
     assert not rule(2, [Completion("", "stop", 10, 0)])  # empty: rejected
     assert rule.admit(5) and not rule.admit(6)  # 2 rows; 4 and 5 would be in flight
     assert rule(4, [Completion("Name a prime number above 100.", "stop", 10, 8)])
+    assert rule.enough and rule.counted == 5
+
+
+def test_the_next_blocks_attempts_start_only_for_the_rows_a_block_cannot_give() -> None:
+    """Spare attempts (indices past the block's 4) count every attempt as a row: none start
+    while the block's own attempts could still give the rows; one per row they cannot."""
+    from magpie.engines.base import Completion
+    from magpie.stages.instructions import _EnoughRows
+
+    rule = _EnoughRows(stage_of(FakeEngine()), 4, set(), 4)
+    assert not rule.admit(4)  # 4 attempts in flight could give the 4 rows
+    assert not rule(0, [Completion("", "stop", 10, 0)])  # rejected: 3 rows at most now
+    assert rule.admit(4) and not rule.admit(5)
+    assert not rule(1, [Completion("What is the boiling point of water?", "stop", 10, 9)])
+    assert rule.admit(4) and not rule.admit(5)
+    assert not rule(2, [Completion("What is the boiling point of water?", "stop", 10, 9)])
+    assert rule.admit(5) and not rule.admit(6)  # a duplicate: two rows short

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from magpie.engines.base import Engine, EngineError, Request, Sampling, create_engine
+from magpie.engines.base import (
+    Engine,
+    EngineError,
+    Request,
+    Sampling,
+    create_engine,
+    generate_until,
+)
 from magpie.engines.llamacpp import bundled_model_path
 from magpie.engines.llamacpp_batch import SeqSpec, batch_layout, common_prefix, micro_batches
 
@@ -137,7 +144,7 @@ def test_prompts_sharing_a_long_prefix_are_evaluated_once_with_the_same_results(
     ]
     greedy = Sampling(temperature=0.0, max_tokens=2, logprobs=5)
     specs = [SeqSpec(engine.tokenize(p), greedy, 0) for p in prompts]
-    groups = decoder._groups(specs, common_prefix([s.tokens for s in specs]))
+    groups = decoder._groups(specs, list(range(8)), common_prefix([s.tokens for s in specs]))
     # one group per question, sharing the question's tokens
     assert [g.members for g in groups] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert all(g.shared >= 16 for g in groups)
@@ -216,3 +223,30 @@ def test_a_sequence_gets_the_same_text_whatever_it_is_batched_with() -> None:
             llm.close()
     assert runs["alone"] == runs["32"] == runs["3 slots"] == runs["n_batch 16"]
     assert len({text for text, _ in runs["32"][1]}) == 3
+
+
+def test_spare_requests_run_ahead_and_the_next_call_takes_them_over(engine) -> None:
+    """Spare requests fill the slots a call leaves free; the next call that asks for them gets
+    the finished ones at once and continues the running ones, with the texts they get alone."""
+    decoder = engine._decoder
+    sampling = Sampling(temperature=1.0, max_tokens=40, stop=())
+    short = Sampling(temperature=1.0, max_tokens=6, stop=())
+    own = [Request(PRE_QUERY, sampling, seed=1), Request(PRE_QUERY, short, seed=2)]
+    ahead = [Request(PRE_QUERY, s, seed=10 + i) for i, s in enumerate([short] * 3 + [sampling])]
+    ahead.append(Request(PRE_QUERY, Sampling(temperature=1.0, max_tokens=300, stop=()), seed=20))
+    alone = [engine.generate([r])[0][0].text for r in ahead]
+    expected = [c.text for (c,) in engine.generate(own)]
+
+    results = generate_until(engine, own, None, lambda i, c: False, spare=ahead)
+    assert [c.text for (c,) in results] == expected  # type: ignore[misc]
+    assert len(decoder._kept_results) >= 3  # the short ones finished in the call's slots
+    assert len(decoder._kept) >= 1  # the 300-token one was still running
+    sampled = decoder.sampled_tokens
+    again = engine.generate(ahead)
+    assert [c.text for (c,) in again] == alone
+    assert decoder.sampled_tokens - sampled < sum(c.completion_tokens + 1 for (c,) in again)
+    assert decoder._kept == [] and decoder._kept_results == {}
+
+    generate_until(engine, own, None, lambda i, c: False, spare=ahead)
+    assert [c.text for (c,) in engine.generate(own)] == expected  # what was kept is dropped
+    assert decoder._kept == [] and decoder._kept_results == {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from magpie import pipeline
@@ -44,6 +45,7 @@ def test_pools_are_runs_of_consecutive_pending_shards() -> None:
     assert ExecutorSpec().pool_shards == 4
 
 
+@pytest.mark.slow  # ~40 s: kept out of the fast tier's 10 minutes
 def test_pooled_responses_equal_one_call_per_shard(tmp_path: Path) -> None:
     """7 instructions in shards of 2: responses made 4 shards per call (the last pool short) and
     one shard per call give identical shard files and bookkeeping, and so do the judge's scores
@@ -91,3 +93,45 @@ def test_judges_and_classifiers_are_not_pooled(tmp_path: Path) -> None:
     judge = JudgeRewardModel(engine, fmt, engine.info.model_id)
     assert not RewardStage(judge).poolable and not RewardStage(Classifier()).poolable
     assert RewardStage(Invariant()).poolable
+
+
+def test_instruction_blocks_started_ahead_give_the_same_shards(tmp_path: Path, monkeypatch) -> None:
+    """An aimed block hands the next block's attempts to llama.cpp as spare requests, which the
+    next block takes over: every shard (rows, rejections, attempts run) is what it is when each
+    block runs alone."""
+    from magpie.engines.llamacpp_batch import BatchDecoder
+    from magpie.stages.instructions import InstructionStage
+
+    config = InstructionsConfig.model_validate(
+        {
+            "engine": {"name": "llamacpp", "options": {"n_ctx": 1024}},
+            "num": 14,
+            "max_tokens": 48,
+            "shard_size": 8,
+        }
+    )
+    taken: list[int] = []
+    take = BatchDecoder._take_kept
+
+    def counting(self, every):  # type: ignore[no-untyped-def]
+        running, finished = take(self, every)
+        taken.append(len(running) + len(finished))
+        return running, finished
+
+    monkeypatch.setattr(BatchDecoder, "_take_kept", counting)
+    pipeline.instructions(config, tmp_path / "ahead", view())
+    assert sum(taken) > 0  # later blocks took over attempts started in earlier ones
+    monkeypatch.setattr(InstructionStage, "prefetch", lambda self, rows: None)
+    taken.clear()
+    pipeline.instructions(config, tmp_path / "alone", view())
+    assert sum(taken) == 0
+    ahead, alone = shards(tmp_path / "ahead"), shards(tmp_path / "alone")
+    assert len(ahead) >= 2 and ahead == alone
+    rejected = [
+        [ShardStore(tmp_path / run).rejected_path(i).read_bytes() for i in range(len(ahead))]
+        for run in ("ahead", "alone")
+    ]
+    assert rejected[0] == rejected[1]
+    assert [r["instruction"] for rows, _ in ahead for r in rows] == [
+        r["instruction"] for rows, _ in alone for r in rows
+    ]

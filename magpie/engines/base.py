@@ -133,6 +133,12 @@ def batch_invariant(engine: Engine) -> bool:
     return bool(getattr(engine, "batch_invariant", False))
 
 
+def takes_spare(engine: Engine) -> bool:
+    """Whether an engine runs the next call's requests ahead in free slots (`generate_until`'s
+    `spare`): only worth it, and only exact, where its results are batch-invariant."""
+    return batch_invariant(engine) and bool(getattr(engine, "takes_spare", False))
+
+
 StopWhen = Callable[[int, list[Completion]], bool]
 """`until(request_index, completions)`: called as each request finishes; True stops the call.
 
@@ -146,11 +152,19 @@ def generate_until(
     requests: Sequence[Request],
     on_done: ProgressCallback | None,
     until: StopWhen,
+    spare: Sequence[Request] = (),
 ) -> list[list[Completion] | None]:
     """`engine.generate`, stopped early once `until` says so where the engine can stop (it has
-    `generate_until`); None stands for a request left unfinished. Others run every request."""
+    `generate_until`); None stands for a request left unfinished. Others run every request.
+
+    `spare` requests are those the caller will likely ask for in its next call: an engine that
+    takes them (`takes_spare`, batch-invariant) runs them in slots the others leave free, as
+    `until.admit` allows (their indices follow the requests'), and gives their completions to
+    the next call that asks for them; others ignore them."""
     early = getattr(engine, "generate_until", None)
     if early is not None:
+        if spare and takes_spare(engine):
+            return early(requests, on_done, until, spare=spare)
         return early(requests, on_done, until)
     results: list[list[Completion] | None] = list(engine.generate(requests, on_done))
     return results

@@ -91,6 +91,8 @@ class LlamaCppEngine:
     batch_invariant = True
     """A request's completions do not depend on the requests decoded with it (`llamacpp_batch`),
     so callers may pool the requests of several shards into one call."""
+    takes_spare = True
+    """`generate_until` takes `spare` requests: the next call's, run in slots left free."""
 
     def __init__(
         self,
@@ -226,21 +228,25 @@ class LlamaCppEngine:
         requests: Sequence[Request],
         on_done: ProgressCallback | None,
         until: StopWhen | None,
+        spare: Sequence[Request] = (),
     ) -> list[list[Completion] | None]:
         """`generate`, stopped once `until(request_index, completions)` returns True: requests
-        not finished by then come back None (see `engines.base.generate_until`)."""
+        not finished by then come back None (see `engines.base.generate_until`). `spare`
+        requests run in the slots the others leave free and are kept for the next call (see
+        `BatchDecoder.run`)."""
         if self._decoder is None:
             raise EngineError("this engine was loaded with vocab_only=True and cannot generate")
         specs: list[SeqSpec] = []
         owner: list[int] = []
         for number, request in enumerate(requests):
-            tokens = self.tokenize(request.prompt)
-            check_prompt_fits(len(tokens), request.sampling.max_tokens, self._n_ctx, "n_ctx")
-            base_seed = request.seed if request.seed is not None else 0
-            ban = self._first_ban(request.sampling.first_token_ban)
-            for i in range(request.n):
-                specs.append(SeqSpec(tokens, request.sampling, base_seed + i, ban))
+            for spec in self._specs(request):
+                specs.append(spec)
                 owner.append(number)
+        extra: list[SeqSpec] = []
+        for number, request in enumerate(spare, start=len(requests)):
+            for spec in self._specs(request):
+                extra.append(spec)
+                owner.append(number)  # `admit` sees spare requests after the others
         left = [r.n for r in requests]
         produced = [0] * len(requests)
         done: list[list[Completion | None]] = [[None] * r.n for r in requests]
@@ -261,7 +267,7 @@ class LlamaCppEngine:
 
         admit_request = getattr(until, "admit", None)
         admit = None if admit_request is None else (lambda index: admit_request(owner[index]))
-        self._decoder.run(specs, finished, admit)
+        self._decoder.run(specs, finished, admit, extra)
         if on_done is not None:
             for request in requests:
                 if request.n == 0:
@@ -269,6 +275,14 @@ class LlamaCppEngine:
         return [
             [c for c in d if c is not None] if not left[i] else None for i, d in enumerate(done)
         ]
+
+    def _specs(self, request: Request) -> list[SeqSpec]:
+        """The decoder's sequences of one request (its n samples)."""
+        tokens = self.tokenize(request.prompt)
+        check_prompt_fits(len(tokens), request.sampling.max_tokens, self._n_ctx, "n_ctx")
+        base_seed = request.seed if request.seed is not None else 0
+        ban = self._first_ban(request.sampling.first_token_ban)
+        return [SeqSpec(tokens, request.sampling, base_seed + i, ban) for i in range(request.n)]
 
     def close(self) -> None:
         if self._decoder is not None:

@@ -12,6 +12,9 @@ One `BatchDecoder.run` call completes a list of sequences (a prompt, its samplin
   plus prompt chunks of newly admitted ones (at most `capacity` tokens in all, and for exact
   requests at most `STREAM_CHUNK` of one sequence); a finished sequence's slot goes to the next
   waiting one (admitted in order);
+- slots the call's own sequences leave free (its tail) may run *spare* sequences, which the next
+  call will likely ask for: what they reach is kept, and the next call that asks for the same
+  sequence takes it over (finished, or running on its slot) instead of starting it again;
 - every sequence has its own KV stream (llama.cpp's non-unified cache), sized per call for the
   longest prompt + max_tokens: attention then reads only a sequence's own cells. (A unified
   cache makes every token scan every sequence's cells: at 64 sequences that scan cost more than
@@ -236,6 +239,8 @@ class BatchDecoder:
         self.stream_cells = 0
         self.sampled_tokens = 0
         """Tokens sampled so far, by every sequence (also those a stop rule dropped unfinished)."""
+        self.decodes = 0
+        """`llama_decode` calls so far (a measure of batching that does not depend on timing)."""
         self._slots = 0
         self._root = self._holder = 0
         self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
@@ -244,6 +249,10 @@ class BatchDecoder:
         self._kinds: dict[int, int] = {}
         self._grammars: dict[str, tuple[bytes, bytes]] = {}
         self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
+        self._kept: list[_Live] = []
+        """Spare sequences a call left running (on their slots), for the next call."""
+        self._kept_results: dict[tuple[Any, ...], SeqResult] = {}
+        """Spare sequences a call finished, by `_seq_key`, for the next call."""
         self._context_for(MIN_STREAM_CELLS)
 
     def _context_for(self, need: int) -> None:
@@ -268,6 +277,7 @@ class BatchDecoder:
         if self._flash_attn:
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.n_threads = params.n_threads_batch = self._threads
+        self._drop_kept()  # running sequences live in the context's KV
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
@@ -294,68 +304,71 @@ class BatchDecoder:
         specs: Sequence[SeqSpec],
         on_finish: Callable[[int, SeqResult], bool | None] | None = None,
         admit: Callable[[int], bool] | None = None,
+        spare: Sequence[SeqSpec] = (),
     ) -> list[SeqResult | None]:
         """Complete every sequence; `on_finish(index, result)` is called as each one ends, and
         when it returns True the call stops: sequences not finished by then come back None.
         `admit(index)`, when given, is asked before sequence `index` starts while others run:
-        False holds it (and those after it) back until more have finished."""
+        False holds it (and those after it) back until more have finished.
+
+        `spare` sequences (those a later call will likely ask for; `admit` is asked for them
+        too, as indices after `specs`) take the slots the others leave free; the call does not
+        wait for them. Each one's result, or its state where it is still running, is kept for
+        the next call, which takes it over where it asks for the same sequence (the same
+        prompt, sampling and seed); anything else kept is dropped then. Only exact sequences
+        are worth it: their results do not depend on when they ran."""
         results: list[SeqResult | None] = [None] * len(specs)
         if not specs:
             return []
-        self._context_for(max(len(s.tokens) + s.sampling.max_tokens + 1 for s in specs))
-        llama_cpp.llama_memory_clear(self._memory, False)
-        root = common_prefix([s.tokens for s in specs])
-        groups = self._groups(specs, root)
-        exact = any(spec.sampling.exact for spec in specs)
-        self._eval_root(specs[0].tokens[:root], self._chunk if exact else self.capacity)
-        order = [(g, i) for g in groups for i in g.members]
-        free = list(range(self._slots))
-        running: list[_Live] = []
-        queued = 0
+        every = [*specs, *spare]
+        self._context_for(max(len(s.tokens) + s.sampling.max_tokens + 1 for s in every))
+        running, finished = self._take_kept(every)
         stopped = False
-        while (queued < len(order) or running) and not stopped:
+        for index in sorted(i for i in finished if i < len(specs)):  # finished in a last call
+            results[index] = finished[index]
+            if on_finish is not None and on_finish(index, finished[index]):
+                stopped = True
+                break
+        fresh = [i for i in range(len(every)) if i not in finished and i not in running]
+        running_list = list(running.values())
+        root = common_prefix([every[i].tokens for i in fresh])
+        groups = self._groups(every, fresh, root)
+        exact = any(every[i].sampling.exact for i in fresh)
+        if fresh and not stopped:
+            self._eval_root(every[fresh[0]].tokens[:root], self._chunk if exact else self.capacity)
+        order = [(g, i) for g in groups for i in g.members if i < len(specs)]
+        spares = [(g, i) for g in groups for i in g.members if i >= len(specs)]
+        taken = {live.slot for live in running_list}
+        free = [slot for slot in range(self._slots) if slot not in taken]
+        queued = extra = 0
+
+        def wanted() -> bool:
+            return queued < len(order) or any(live.index < len(specs) for live in running_list)
+
+        while wanted() and not stopped:
             raise_pending()  # an interrupt a llama.cpp log callback swallowed
-            # admit waiting sequences, in order, while a slot and their KV cells are free
-            while queued < len(order) and free:
-                group, index = order[queued]
-                if admit is not None and running and not admit(index):
-                    break
-                spec = specs[index]
-                if group.shared and group.admitted and not group.holder_ready:
-                    break  # the holder is filled after the group's first sequence is evaluated
-                start = group.span if group.holder_ready else root
-                opens_group = group.shared and not group.admitted
-                slot = free.pop(0)
-                source = self._holder if group.holder_ready else self._root
-                plain = is_plain(spec.sampling)
-                if start:
-                    self._copy(source, slot, start)
-                live = _Live(
-                    index=index,
-                    spec=spec,
-                    group=group,
-                    slot=slot,
-                    pos=start,
-                    feed=list(spec.tokens[start:]),
-                    sampler=None if plain else self._sampler(spec),
-                    rng=new_generator(spec.seed) if plain else None,
-                    grammar=self._grammar(spec),
-                    stops=[s.encode("utf-8") for s in spec.sampling.stop if s],
-                    logprobs=[] if spec.sampling.logprobs is not None else None,
-                )
-                group.admitted += 1
-                group.live += 1
-                if opens_group:
-                    group.filler = live
-                running.append(live)
-                queued += 1
-                if group.holder_ready and group.admitted == len(group.members):
-                    llama_cpp.llama_memory_seq_rm(self._memory, self._holder, -1, -1)
-                    group.holder_ready = False
-            self._compact(running, free)
-            self._sample(self._step(running))
+            # admit waiting sequences, in order, while a slot is free; spares fill slots the
+            # others leave free
+            while free:
+                if queued < len(order):
+                    group, index = order[queued]
+                    own = any(live.index < len(specs) for live in running_list)
+                    if (admit is None or not own or admit(index)) and self._ready(group):
+                        running_list.append(self._start(group, index, every[index], root, free))
+                        queued += 1
+                        continue
+                if extra < len(spares) and self._ready(spares[extra][0]):
+                    group, index = spares[extra]
+                    if admit is not None and not admit(index):
+                        break
+                    running_list.append(self._start(group, index, every[index], root, free))
+                    extra += 1
+                    continue
+                break
+            self._compact(running_list, free)
+            self._sample(self._step(running_list))
             # a group's holder takes its shared span once its first sequence has evaluated it
-            for live in running:
+            for live in running_list:
                 group = live.group
                 if group.filler is live and live.pos >= group.span:
                     llama_cpp.llama_memory_seq_rm(self._memory, self._holder, -1, -1)
@@ -363,7 +376,7 @@ class BatchDecoder:
                     group.filler = None
                     group.holder_ready = group.admitted < len(group.members)
             still = []
-            for live in running:
+            for live in running_list:
                 if live.result is None:
                     still.append(live)
                     continue
@@ -372,16 +385,93 @@ class BatchDecoder:
                 free.sort()
                 live.group.live -= 1
                 self._release(live)
+                if live.index >= len(specs):
+                    self._kept_results[_seq_key(live.spec)] = live.result
+                    continue
                 results[live.index] = live.result
                 if on_finish is not None and on_finish(live.index, live.result):
                     stopped = True
-            running = still
-        for live in running:  # stopped early: drop the sequences still running
+            running_list = still
+        for live in running_list:
+            if live.index >= len(specs):  # a spare still running: the next call may take it
+                self._kept.append(live)
+                continue
             llama_cpp.llama_memory_seq_rm(self._memory, live.slot, -1, -1)
             self._release(live)
+        for index, result in finished.items():  # spare results nobody asked for yet
+            if index >= len(specs):
+                self._kept_results[_seq_key(every[index])] = result
         return results
 
+    def _take_kept(self, every: Sequence[SeqSpec]) -> tuple[dict[int, _Live], dict[int, SeqResult]]:
+        """What the last call kept of the sequences asked for now: those still running (by
+        index, on their slots) and those finished. Everything else kept is dropped, and every
+        KV stream but those of the running ones is cleared."""
+        kept, self._kept = self._kept, []
+        done, self._kept_results = self._kept_results, {}
+        where: dict[tuple[Any, ...], list[int]] = {}
+        for index, spec in enumerate(every):
+            where.setdefault(_seq_key(spec), []).append(index)
+        running: dict[int, _Live] = {}
+        finished: dict[int, SeqResult] = {}
+        for key, result in done.items():
+            if where.get(key):
+                finished[where[key].pop(0)] = result
+        for live in kept:
+            indices = where.get(_seq_key(live.spec))
+            if indices:
+                live.index = indices.pop(0)
+                live.group = _Group(tokens=live.spec.tokens, members=[live.index], live=1)
+                running[live.index] = live
+            else:
+                self._release(live)
+        if running:
+            slots = {live.slot for live in running.values()}
+            for seq in range(self._slots + 2):
+                if seq not in slots:
+                    llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        else:
+            llama_cpp.llama_memory_clear(self._memory, False)
+        return running, finished
+
+    def _ready(self, group: _Group) -> bool:
+        """Whether the group's next sequence may start (a holder is filled after the group's
+        first sequence has evaluated the shared span)."""
+        return not (group.shared and group.admitted and not group.holder_ready)
+
+    def _start(self, group: _Group, index: int, spec: SeqSpec, root: int, free: list[int]) -> _Live:
+        """Start sequence `index` on the first free slot, from the holder's or the root's KV."""
+        start = group.span if group.holder_ready else root
+        opens_group = group.shared and not group.admitted
+        slot = free.pop(0)
+        source = self._holder if group.holder_ready else self._root
+        plain = is_plain(spec.sampling)
+        if start:
+            self._copy(source, slot, start)
+        live = _Live(
+            index=index,
+            spec=spec,
+            group=group,
+            slot=slot,
+            pos=start,
+            feed=list(spec.tokens[start:]),
+            sampler=None if plain else self._sampler(spec),
+            rng=new_generator(spec.seed) if plain else None,
+            grammar=self._grammar(spec),
+            stops=[s.encode("utf-8") for s in spec.sampling.stop if s],
+            logprobs=[] if spec.sampling.logprobs is not None else None,
+        )
+        group.admitted += 1
+        group.live += 1
+        if opens_group:
+            group.filler = live
+        if group.holder_ready and group.admitted == len(group.members):
+            llama_cpp.llama_memory_seq_rm(self._memory, self._holder, -1, -1)
+            group.holder_ready = False
+        return live
+
     def close(self) -> None:
+        self._drop_kept()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -391,13 +481,14 @@ class BatchDecoder:
 
     # ------------------------------------------------------------------ scheduling
 
-    def _groups(self, specs: Sequence[SeqSpec], root: int) -> list[_Group]:
-        """Sequences grouped by prompt, groups in order of first appearance; then a run of
-        prompts asked once each joins one group over their common prefix, when it is
-        MIN_GROUP_PREFIX tokens or more beyond the root and joining saves more tokens than a
-        shorter common prefix loses."""
+    def _groups(self, specs: Sequence[SeqSpec], indices: list[int], root: int) -> list[_Group]:
+        """The sequences `indices` of `specs` grouped by prompt, groups in order of first
+        appearance; then a run of prompts asked once each joins one group over their common
+        prefix, when it is MIN_GROUP_PREFIX tokens or more beyond the root and joining saves
+        more tokens than a shorter common prefix loses."""
         by_prompt: dict[tuple[int, ...], _Group] = {}
-        for index, spec in enumerate(specs):
+        for index in indices:
+            spec = specs[index]
             key = tuple(spec.tokens)
             if key not in by_prompt:
                 by_prompt[key] = _Group(tokens=spec.tokens, members=[])
@@ -514,6 +605,7 @@ class BatchDecoder:
         if self._governor is not None:
             self._governor.tick()
         code = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        self.decodes += 1
         if pad is not None:
             llama_cpp.llama_memory_seq_rm(self._memory, pad[0], pad[1], -1)
         if code != 0:
@@ -559,6 +651,12 @@ class BatchDecoder:
             self._grammars[key] = (grammar._grammar.encode(), grammar._root.encode())
         text, root = self._grammars[key]
         return llama_cpp.llama_sampler_init_grammar(self._vocab, text, root)
+
+    def _drop_kept(self) -> None:
+        """Forget the running spare sequences a call left (their KV goes with the context)."""
+        for live in self._kept:
+            self._release(live)
+        self._kept = []
 
     def _release(self, live: _Live) -> None:
         if live.sampler is not None:
@@ -756,6 +854,11 @@ class BatchDecoder:
                 kind = _TEXT
             self._kinds[token] = kind
         return kind
+
+
+def _seq_key(spec: SeqSpec) -> tuple[Any, ...]:
+    """What makes two sequences the same: prompt, sampling, seed and first-token ban."""
+    return (tuple(spec.tokens), repr(spec.sampling), spec.seed, spec.first_ban)
 
 
 def _address(pointer: Any) -> int:

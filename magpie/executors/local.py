@@ -3,7 +3,9 @@
 A stage whose engine gives a request the same results whatever it is decoded with (`poolable`)
 gets up to `pool_shards` consecutive shards in one call: the engine keeps its batch full across
 their boundaries instead of draining it at the end of every shard. Each shard is then committed
-with the rows it would have had alone, so resume stays exact; a kill loses the pool in flight.
+with the rows it would have had alone, so resume stays exact; a kill loses the pool in flight. An
+aimed instruction block is told the next block (`prefetch`), whose first attempts its engine may
+start in the slots its own tail leaves free.
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ class LocalExecutor:
         driver = Driver(job, job.open_store(identity))
         progress: Any = _LiveProgress(job)
         aim = getattr(stage, "aim", None) if job.gate is not None else None
+        prefetch = getattr(stage, "prefetch", None) if aim is not None else None
         pooled = job.gate is None and getattr(stage, "poolable", False)
-        for indices in _pools(driver.pending, self.pool_shards if pooled else 1):
+        pools = list(_pools(driver.pending, self.pool_shards if pooled else 1))
+        for number, indices in enumerate(pools):
             raise_pending()  # an interrupt a ctypes callback swallowed stops before the next shard
             if driver.done:
                 break
@@ -54,6 +58,9 @@ class LocalExecutor:
                 index = indices[0]
                 if aim is not None and driver.next_block == index:  # the gate takes it next
                     aim(*job.gate.remaining())  # type: ignore[union-attr]
+                    if prefetch is not None:  # the block after it may start in its tail
+                        later = pools[number + 1][0] if number + 1 < len(pools) else None
+                        prefetch(None if later is None else job.slice(later))
                 driver.complete(index, stage(job.slice(index), progress))
                 continue
             slices = [job.slice(index) for index in indices]

@@ -22,7 +22,6 @@ from magpie.engines.base import (
     ProgressCallback,
     Request,
     Sampling,
-    StopWhen,
     generate_until,
 )
 from magpie.errors import MagpieError
@@ -102,6 +101,8 @@ class InstructionStage:
             )
         )
         self._target: tuple[int, set[str]] | None = None
+        self._next_block: list[int] = []
+        self._ahead: list[int] = []
         self._stop_at: tuple[int, set[str]] | None = None
         self._ran: int | None = None
         for text in config.first_token_ban:  # checked before any output is opened
@@ -166,9 +167,19 @@ class InstructionStage:
         """
         self._target = (needed, seen)
 
+    def prefetch(self, rows: pa.Table | None) -> None:
+        """For the next block only: the block that runs after it (its `attempt` column), or
+        None. A single-turn aimed block passes that block's queries to the engine as spare
+        requests: an engine that takes them (`takes_spare`) starts them in the slots the
+        block's own tail leaves free, as many as the rows this block will likely leave to find
+        (see `_EnoughRows.admit`), and the next block takes them over. The rows of either
+        block do not change (the engine's results are batch-invariant)."""
+        self._next_block = [] if rows is None else rows.column("attempt").to_pylist()
+
     def run(self, attempts: Sequence[int], on_done: ProgressCallback | None = None) -> ShardOutput:
         """Run `attempts` through every turn; rows are deduplicated within the block."""
         target, self._target = self._target, None
+        self._ahead, self._next_block = self._next_block, []
         self._stop_at = target if self.config.turns == 1 else None
         self._ran: int | None = None
         live = [_Attempt(a, attempt_seed(self.config.seed, a, 1)) for a in attempts]
@@ -218,7 +229,19 @@ class InstructionStage:
             for a in live
         ]
         if self._stop_at is not None and turn == 1 and requests:
-            results = generate_until(self.engine, requests, on_done, self._enough(*self._stop_at))
+            spare = [
+                Request(
+                    prompt=self.format.query_prompt([]),
+                    sampling=self._query_sampling,
+                    seed=attempt_seed(self.config.seed, number, 1),
+                )
+                for number in self._ahead
+            ]
+            rule = _EnoughRows(self, *self._stop_at, len(requests))
+            results = generate_until(self.engine, requests, on_done, rule, spare)
+            if rule.enough:  # what finished after the attempts that gave the rows depends on
+                # the schedule: drop it, so the block's output depends on the block alone
+                results[rule.counted :] = [None] * (len(results) - rule.counted)
             ran = sum(r is not None for r in results)
             self._ran = ran if ran < len(requests) else None
         else:
@@ -240,11 +263,6 @@ class InstructionStage:
                 attempt.raw = completion.text
             kept.append(attempt)
         return kept, used
-
-    def _enough(self, needed: int, seen: set[str]) -> StopWhen:
-        """Stop rule of an aimed block: true once the attempts finished so far, in order from
-        the first, hold `needed` rows that are new to the driver and to the block."""
-        return _EnoughRows(self, needed, seen)
 
     def _reply(
         self,
@@ -369,16 +387,27 @@ whether to start another (measured acceptance of SmolLM2 at T=1: ~0.7; lower sta
 
 
 class _EnoughRows:
-    """An aimed block's stop rule (see `InstructionStage._enough`), which also holds attempts
-    back while those in flight are likely to give the rows still needed: near a block's end,
-    32 attempts would run where a few are needed, and the rest be dropped unfinished."""
+    """An aimed block's stop rule: true once the attempts finished so far, in order from the
+    first, hold `needed` rows that are new to the driver (`seen`) and to the block. It also
+    holds attempts back while those in flight are likely to give the rows still needed: near a
+    block's end, 32 attempts would run where a few are needed, and the rest be dropped."""
 
-    def __init__(self, stage: InstructionStage, needed: int, seen: set[str]) -> None:
-        self._stage, self._needed, self._seen = stage, needed, seen
+    def __init__(self, stage: InstructionStage, needed: int, seen: set[str], size: int) -> None:
+        self._stage, self._needed, self._seen, self._size = stage, needed, seen, size
         self._finished: dict[int, Completion] = {}
         self._keys: set[str] = set()
         self._next = 0  # attempts before this one are counted, in order
         self._rows = 0
+
+    @property
+    def enough(self) -> bool:
+        """Whether the attempts counted hold the rows needed."""
+        return self._rows >= self._needed
+
+    @property
+    def counted(self) -> int:
+        """Attempts counted, in order from the first."""
+        return self._next
 
     def __call__(self, index: int, completions: list[Completion]) -> bool:
         self._finished[index] = completions[0]
@@ -395,6 +424,13 @@ class _EnoughRows:
 
     def admit(self, index: int) -> bool:
         """Start attempt `index` (every earlier one started) unless the rows so far plus the
-        likely rows of the attempts in flight reach those needed."""
+        likely rows of the attempts in flight reach those needed.
+
+        An index past the block's attempts is one of the next block's, run ahead as a spare
+        request: it starts only while the rows so far plus every other attempt started or
+        left (each counted as a row) fall short of those needed, so the spares started are at
+        most the rows the block cannot give."""
         in_flight = index - self._next
+        if index >= self._size:
+            return self._rows + in_flight < self._needed
         return self._rows + ADMIT_ACCEPT_GUESS * in_flight < self._needed
