@@ -171,8 +171,8 @@ class InstructionStage:
         """For the next block only: the block that runs after it (its `attempt` column), or
         None. A single-turn aimed block passes that block's queries to the engine as spare
         requests: an engine that takes them (`takes_spare`) starts them in the slots the
-        block's own tail leaves free, as many as the rows this block will likely leave to find
-        (see `_EnoughRows.admit`), and the next block takes them over. The rows of either
+        block's own tail leaves free, at most as many as the rows this block cannot give (see
+        `_EnoughRows.admit`), and the next block takes them over. The rows of either
         block do not change (the engine's results are batch-invariant)."""
         self._next_block = [] if rows is None else rows.column("attempt").to_pylist()
 
