@@ -126,10 +126,10 @@ class Engine(Protocol):
         ...
 
 
-def batch_invariant(engine: Engine) -> bool:
-    """Whether an engine's completions of a request are the same whatever it is decoded with
-    (an engine says so with a true `batch_invariant` attribute): then the requests of several
-    shards may go to one call and each shard still gets the rows it gets alone."""
+def batch_invariant(engine: object) -> bool:
+    """Whether an engine's completions of a request (or a scorer's scores) are the same whatever
+    it is batched with (it says so with a true `batch_invariant` attribute): then the requests of
+    several shards may go to one call and each shard still gets the rows it gets alone."""
     return bool(getattr(engine, "batch_invariant", False))
 
 

@@ -116,7 +116,6 @@ class _Group:
     """Its prompts are asked once each (a group of different prompts, or one alone)."""
     shared: int = 0
     admitted: int = 0
-    live: int = 0
     filler: _Live | None = None
     holder_ready: bool = False
 
@@ -383,7 +382,6 @@ class BatchDecoder:
                 llama_cpp.llama_memory_seq_rm(self._memory, live.slot, -1, -1)
                 free.append(live.slot)
                 free.sort()
-                live.group.live -= 1
                 self._release(live)
                 if live.index >= len(specs):
                     self._kept_results[_seq_key(live.spec)] = live.result
@@ -421,7 +419,7 @@ class BatchDecoder:
             indices = where.get(_seq_key(live.spec))
             if indices:
                 live.index = indices.pop(0)
-                live.group = _Group(tokens=live.spec.tokens, members=[live.index], live=1)
+                live.group = _Group(tokens=live.spec.tokens, members=[live.index])
                 running[live.index] = live
             else:
                 self._release(live)
@@ -462,7 +460,6 @@ class BatchDecoder:
             logprobs=[] if spec.sampling.logprobs is not None else None,
         )
         group.admitted += 1
-        group.live += 1
         if opens_group:
             group.filler = live
         if group.holder_ready and group.admitted == len(group.members):

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from magpie.engines.base import batch_invariant
 from magpie.schema import REWARD_COLUMNS, REWARD_SCORE
 from magpie.stages.base import Progress, TransformOutput, dialogue
 
@@ -87,7 +88,7 @@ class RewardStage:
         """Whether several shards may be scored in one call: only by a scorer that says its
         scores do not depend on the batch (a classifier's padded batches and the judge's
         inexact long prompts do)."""
-        return bool(getattr(self.scorer, "batch_invariant", False))
+        return batch_invariant(self.scorer)
 
     def account(self, rows: pa.Table) -> TransformOutput:
         """The output of these rows with its bookkeeping: responses left unscored."""
