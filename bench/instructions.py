@@ -16,9 +16,10 @@ Tokens are counted as sampled, the end-of-turn token included, on every side; th
 count includes attempts it dropped unfinished once a block had its rows (work done, as in the
 raw runs, which run every attempt of a block to its end). The machine may be shared: the load
 average is printed, and the runs are interleaved (`--rounds`) so each ratio compares runs made
-under similar load.
+under similar load. `--alternatives` runs the pipeline again with other llama.cpp weights and
+runtimes, so the configuration the engine chose on this CPU is printed next to them.
 
-    python bench/instructions.py --rows 64
+    python bench/instructions.py --rows 64 [--alternatives f16:native,q8_0:native]
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ import numpy as np
 from rich.console import Console
 
 from magpie.config import InstructionsConfig
+from magpie.cpu import cpu_facts
 from magpie.engines.llamacpp import DEFAULT_BATCH_SIZE, LlamaCppEngine, bundled_model_path
 from magpie.engines.llamacpp_batch import KV_TYPES
+from magpie.engines.llamacpp_runtime import select_runtime
 from magpie.engines.llamacpp_sampling import new_generator, pick_tokens
 from magpie.runner import ProgressView, run_source
 from magpie.stages.instructions import InstructionStage, attempt_seed
@@ -199,13 +202,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions")
     parser.add_argument("--skip-single", action="store_true", help="only pipeline vs batched")
+    parser.add_argument(
+        "--alternatives",
+        default="",
+        help="other llama.cpp configurations to run the pipeline with, as WEIGHTS:RUNTIME pairs "
+        "(e.g. f16:native,q8_0:native,file:no-repack), each after the chosen one in every round",
+    )
     args = parser.parse_args()
     config = InstructionsConfig(
         num=args.rows, shard_size=args.shard_size, max_tokens=args.max_tokens
     )
     engine = LlamaCppEngine(batch_size=args.batch)
+    cpu = cpu_facts()
+    print(f"cpu: {cpu['model']} ({', '.join(cpu['flags'])})")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; batch {args.batch}")
     print(f"engine weights: {engine.weights.kind} ({engine.weights.reason})")
+    print(f"engine runtime: {engine.runtime.name} ({engine.runtime.reason})")
+    alternatives = [tuple(pair.split(":")) for pair in args.alternatives.split(",") if pair]
     for round_ in range(args.rounds):
         seconds, attempts, tokens = run_pipeline(engine, config)
         numbers = list(range(attempts))
@@ -225,6 +238,17 @@ def main() -> None:
             print(f"    pipeline / raw single  : {pipe_tps / one_tps:.2f}x tokens/s")
         print(f"    pipeline / raw batched : {pipe_tps / raw_tps:.3f}")
         print(f"    pipeline / raw one pool: {pipe_tps / pool_tps:.3f}")
+        chosen = f"{engine.weights.kind}:{engine.runtime.name} (chosen)"
+        print(f"    {'configuration':<28}{'tokens/s':>10}{'vs chosen':>11}")
+        print(f"    {chosen:<28}{pipe_tps:>10.1f}{1:>11.2f}")
+        for weights, runtime in alternatives:
+            other = LlamaCppEngine(batch_size=args.batch, weights=weights, runtime=runtime)
+            alt_seconds, _, alt_tokens = run_pipeline(other, config)
+            other.close()
+            alt_tps = alt_tokens / alt_seconds
+            label = f"{other.weights.kind}:{other.runtime.name}"
+            print(f"    {label:<28}{alt_tps:>10.1f}{alt_tps / pipe_tps:>11.2f}")
+        select_runtime(engine.weights.path)  # the chosen runtime's model loading, again
         print(f"    load average now {os.getloadavg()[0]:.1f}")
     engine.close()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from magpie.cpu import cpu_facts  # noqa: E402
 from magpie.engines import llamacpp_runtime as rt  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def main() -> None:
         figures = measure(args.child, args.model, args.prompt_tokens, args.decode_tokens)
         print(json.dumps(figures))
         return
-    cpu = rt.cpu_facts()
+    cpu = cpu_facts()
     print(f"cpu: {cpu['model']} ({', '.join(cpu['flags'])}), load {os.getloadavg()[0]:.1f}")
     from magpie.engines.llamacpp import bundled_model_path
 

@@ -1,11 +1,14 @@
 """llama.cpp decode speed per weight type on this CPU: why `weights=auto` runs the bundled model
-as F16.
+as given on a CPU with AMX and as F16 elsewhere.
 
 For each type (the file as shipped, and copies made by `magpie.engines.llamacpp_weights`), a
 subprocess loads the model and times decode steps of 1, 32 and 64 sequences (one token each per
 step, every sequence in its own KV stream as our engine runs them), then prints tokens/s.
 
-    python bench/weights.py [--model M.gguf] [--kinds file,f16,q8_0] [--steps 32]
+    python bench/weights.py [--model M.gguf] [--kinds file,f16,q8_0] [--runtimes native,no-repack]
+
+`--runtimes` loads each model as those llama.cpp runtimes do (`no-repack`: no AMX, no repacked
+kernels), a row per (weights, runtime).
 """
 
 from __future__ import annotations
@@ -22,12 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def measure(path: str, batch: int, steps: int, threads: int) -> float:
-    """Decode tokens/s of `batch` sequences for `steps` steps (after 3 warm-up steps)."""
+def measure(path: str, batch: int, steps: int, threads: int, runtime: str) -> float:
+    """Decode tokens/s of `batch` sequences for `steps` steps (after 3 warm-up steps), with the
+    model loaded as llama.cpp runtime `runtime` loads it (`native`: repacked for AMX/AVX-512)."""
     import llama_cpp as lib
 
+    from magpie.engines.llamacpp_runtime import RUNTIMES, apply_model_params
+
+    apply_model_params(RUNTIMES[runtime])
     lib.llama_backend_init()
-    model = lib.llama_model_load_from_file(path.encode(), lib.llama_model_default_params())
+    loading = lib.llama_cpp.llama_model_default_params()  # with the runtime's overrides
+    model = lib.llama_model_load_from_file(path.encode(), loading)
     params = lib.llama_context_default_params()
     params.n_seq_max = batch
     params.n_ctx = batch * 256
@@ -66,14 +74,19 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32,64")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--runtimes",
+        default="native",
+        help="comma-separated: native (weights repacked for AMX/AVX-512 kernels), no-repack",
+    )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        path, batch = args.child
-        print(json.dumps(measure(path, int(batch), args.steps, args.threads)))
+        path, batch, runtime = args.child
+        print(json.dumps(measure(path, int(batch), args.steps, args.threads, runtime)))
         return
+    from magpie.cpu import cpu_facts
     from magpie.engines.llamacpp import bundled_model_path
-    from magpie.engines.llamacpp_runtime import cpu_facts
     from magpie.engines.llamacpp_weights import converted, resolve_weights
 
     source = Path(args.model) if args.model else bundled_model_path()
@@ -81,17 +94,18 @@ def main() -> None:
     print(f"cpu: {cpu['model']} ({', '.join(cpu['flags'])}); threads {args.threads}")
     print(f"model: {source.name}; weights=auto chooses: {resolve_weights(source).reason}")
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"{'weights':<10}" + "".join(f"{f'{b} seq tok/s':>16}" for b in batches))
+    print(f"{'weights':<10}{'runtime':<11}" + "".join(f"{f'{b} seq tok/s':>16}" for b in batches))
     for kind in args.kinds.split(","):
         path = source if kind == "file" else converted(source, kind)
-        cells = []
-        for batch in batches:
-            cmd = [sys.executable, __file__, "--child", str(path), str(batch)]
-            cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            ok = done.returncode == 0 and done.stdout.strip()
-            cells.append(f"{json.loads(done.stdout):.1f}" if ok else f"exit {done.returncode}")
-        print(f"{kind:<10}" + "".join(f"{c:>16}" for c in cells))
+        for runtime in args.runtimes.split(","):
+            cells = []
+            for batch in batches:
+                cmd = [sys.executable, __file__, "--child", str(path), str(batch), runtime]
+                cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                ok = done.returncode == 0 and done.stdout.strip()
+                cells.append(f"{json.loads(done.stdout):.1f}" if ok else f"exit {done.returncode}")
+            print(f"{kind:<10}{runtime:<11}" + "".join(f"{c:>16}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -859,6 +859,9 @@ def doctor(
         chosen = llama["runtime"]
         row("llama.cpp", f"{llama['llama_cpp']}: {llama['system_info']}")
         row("runtime", f"{chosen['name']} ({chosen.get('reason', '')})")
+        if "weights" in llama:
+            weights = llama["weights"]
+            row("weights", f"{weights['kind']} ({weights['reason']})")
     for name, status in facts["engines"].items():
         state = f"ok {status['version'] or ''}".strip() if status["ok"] else "missing"
         row(f"engine {name}", f"{state}  {status['why']}".rstrip())

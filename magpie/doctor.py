@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from magpie import __version__
+from magpie.cpu import cpu_facts
 from magpie.engines import llamacpp_runtime as runtime
 
 ENGINE_MODULES = {
@@ -44,7 +45,7 @@ def engine_status(name: str) -> dict[str, Any]:
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
             return {"ok": False, "version": version, "why": f"import fails: {first}"}
     why = ""
-    if name == "vllm" and "avx2" not in runtime.cpu_facts()["flags"]:
+    if name == "vllm" and "avx2" not in cpu_facts()["flags"]:
         why = "installed; its CPU build needs AVX2 or AVX-512 (use a GPU machine or another engine)"
     elif name == "vllm":
         from magpie.engines.vllm import cpu_settings
@@ -63,9 +64,11 @@ def llamacpp_status(model: Path | None, probe: bool) -> dict[str, Any]:
     facts.pop("libs", None)
     if probe:
         from magpie.engines.llamacpp import bundled_model_path
+        from magpie.engines.llamacpp_weights import resolve_weights
 
-        path = model or bundled_model_path()
-        chosen = runtime.select_runtime(path)
+        weights = resolve_weights(model or bundled_model_path())
+        facts["weights"] = _weights_facts(weights)
+        chosen = runtime.select_runtime(weights.path)
         facts["runtime"] = {**chosen.as_dict(), "description": chosen.description}
     else:
         entry = runtime.cached_choice()
@@ -83,22 +86,23 @@ def environment(engine: Any = None) -> dict[str, Any]:
         "magpie": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": runtime.cpu_facts(),
+        "cpu": cpu_facts(),
     }
     chosen = getattr(engine, "runtime", None)
     if isinstance(chosen, runtime.LlamaRuntime):
         env["llamacpp"] = {**chosen.as_dict(), "version": _version("llama-cpp-python")}
         weights = getattr(engine, "weights", None)
         if weights is not None:
-            env["llamacpp"]["weights"] = {
-                "kind": weights.kind,
-                "source_type": weights.source_type,
-                "reason": weights.reason,
-            }
+            env["llamacpp"]["weights"] = _weights_facts(weights)
     settings = getattr(engine, "settings", None)
     if getattr(engine, "name", None) == "vllm" and isinstance(settings, dict):
         env["vllm"] = {**settings, "version": _version(*DISTRIBUTIONS["vllm"])}
     return env
+
+
+def _weights_facts(weights: Any) -> dict[str, str]:
+    """The weights llama.cpp runs (`llamacpp_weights.Weights`) as manifest and doctor show them."""
+    return {"kind": weights.kind, "source_type": weights.source_type, "reason": weights.reason}
 
 
 def report(model: Path | None = None, probe: bool = True) -> dict[str, Any]:
@@ -107,7 +111,7 @@ def report(model: Path | None = None, probe: bool = True) -> dict[str, Any]:
         "magpie": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "cpu": runtime.cpu_facts(),
+        "cpu": cpu_facts(),
         "llamacpp": llamacpp_status(model, probe),
         "engines": {name: engine_status(name) for name in ENGINE_MODULES},
         "cache": str(runtime.cache_path()),
@@ -116,7 +120,7 @@ def report(model: Path | None = None, probe: bool = True) -> dict[str, Any]:
 
 def version_line() -> str:
     """`magpie --version`: the version, the CPU and the llama.cpp configuration (no probing)."""
-    cpu = runtime.cpu_facts()
+    cpu = cpu_facts()
     flags = ", ".join(cpu["flags"]) or "no AVX2"
     line = f"magpie-synth {__version__}\ncpu: {cpu['model']} ({flags})"
     entry = runtime.cached_choice()

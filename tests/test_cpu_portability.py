@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+from magpie.cpu import has_amx_int8
 from magpie.engines import llamacpp_runtime as rt
 from magpie.engines.llamacpp import bundled_model_path
 
@@ -179,6 +180,10 @@ def test_doctor_reports_cpu_runtime_and_engines(tmp_path: Path) -> None:
     facts = json.loads(done.stdout)
     assert facts["cpu"] == rt.cpu_facts()
     assert facts["llamacpp"]["runtime"]["name"] in rt.RUNTIMES
+    # the bundled Q4_1 file runs as given where llama.cpp's AMX kernels take it, else as F16
+    weights = facts["llamacpp"]["weights"]
+    assert weights["kind"] == ("file" if has_amx_int8() else "f16")
+    assert weights["source_type"] == "Q4_1"
     assert facts["engines"]["llamacpp"]["ok"] is True
     assert set(facts["engines"]) >= {"llamacpp", "vllm", "transformers", "openai", "ray"}
     for status in facts["engines"].values():
@@ -246,9 +251,10 @@ def test_an_interrupt_inside_llama_cpps_log_callback_is_kept_for_the_next_step()
 def test_vllm_cpu_dtype_and_eager_mode_follow_the_cpu(monkeypatch, flags, expected) -> None:
     """bfloat16 only where the CPU has bf16 matmuls; torch.compile only with AVX-512; what the
     user set explicitly is kept."""
+    from magpie import cpu
     from magpie.engines import vllm
 
-    monkeypatch.setattr(rt, "cpu_facts", lambda: {"flags": flags})
+    monkeypatch.setattr(cpu, "cpu_facts", lambda: {"flags": flags})
     assert vllm.cpu_settings("auto", None) == expected
     assert vllm.cpu_settings("bfloat16", False) == ("bfloat16", False)
 

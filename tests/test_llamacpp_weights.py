@@ -1,9 +1,11 @@
-"""Which weights llama.cpp runs: the bundled Q4_1 file as an F16 copy by default, cached."""
+"""Which weights llama.cpp runs: the bundled Q4_1 file as given on a CPU with AMX, else as an
+F16 copy (cached)."""
 
 from __future__ import annotations
 
 import pytest
 
+from magpie.engines import llamacpp_weights
 from magpie.engines.base import Request, Sampling
 from magpie.engines.llamacpp import LlamaCppEngine, bundled_model_path
 from magpie.engines.llamacpp_weights import file_type, resolve_weights
@@ -17,7 +19,8 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_auto_runs_the_bundled_model_as_a_cached_f16_copy(cache) -> None:
+def test_auto_runs_the_bundled_model_as_a_cached_f16_copy_without_amx(cache, monkeypatch) -> None:
+    monkeypatch.setattr(llamacpp_weights, "has_amx_int8", lambda: False)
     source = bundled_model_path()
     assert file_type(source) == 3  # Q4_1
     chosen = resolve_weights(source)
@@ -30,6 +33,16 @@ def test_auto_runs_the_bundled_model_as_a_cached_f16_copy(cache) -> None:
     assert not list((cache / "models").glob(".*tmp*"))
 
 
+def test_auto_runs_the_bundled_model_as_given_on_amx(cache, monkeypatch) -> None:
+    """llama.cpp's AMX kernels take Q4_1 (and Q4_0, Q8_0, K-quants): the file is fastest there."""
+    monkeypatch.setattr(llamacpp_weights, "has_amx_int8", lambda: True)
+    chosen = resolve_weights(bundled_model_path())
+    assert chosen.kind == "file" and chosen.path == bundled_model_path()
+    assert chosen.source_type == "Q4_1" and "AMX" in chosen.reason
+    assert not (cache / "models").exists()  # nothing converted
+    assert resolve_weights(bundled_model_path(), "f16").kind == "f16"  # the option still rules
+
+
 def test_weights_option_file_keeps_the_model_id_and_changes_the_text(cache) -> None:
     request = Request(
         "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n",
@@ -37,7 +50,7 @@ def test_weights_option_file_keeps_the_model_id_and_changes_the_text(cache) -> N
         seed=0,
     )
     as_file = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, weights="file")
-    f16 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1)
+    f16 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, weights="f16")
     try:
         assert "run as" not in as_file.info.model_id
         assert f16.info.model_id.endswith("(run as F16)")  # part of every dataset's identity
@@ -90,8 +103,8 @@ def test_kv_type_option_enters_the_model_id_and_keeps_greedy_text_close(cache) -
         Sampling(temperature=0.0, max_tokens=16, logprobs=5),
         seed=0,
     )
-    f16 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1)
-    q8 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, kv_type="q8_0")
+    f16 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, weights="f16")
+    q8 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, weights="f16", kv_type="q8_0")
     try:
         assert f16.kv_type == "f16" and "KV" not in f16.info.model_id
         assert q8.info.model_id.endswith("(run as F16, KV Q8_0)")

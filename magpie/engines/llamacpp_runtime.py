@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from magpie.cache import cache_root
+from magpie.cpu import cpu_facts
 from magpie.errors import MagpieError
 
 ENV_RUNTIME = "MAGPIE_LLAMACPP_RUNTIME"
@@ -43,17 +43,6 @@ the fallback path runs on CPUs where nothing crashes."""
 ENV_CRASH_NOTE = "MAGPIE_CRASH_NOTE"
 """Set by the supervisor: a file where the process notes the native configuration it runs."""
 PROBE_TIMEOUT_S = 180
-CPU_FLAGS = (
-    "avx2",
-    "avx512f",
-    "avx512bw",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-)
 
 
 @dataclass(frozen=True)
@@ -185,27 +174,6 @@ class ThreadGovernor:
 
 
 # ---- facts --------------------------------------------------------------------------------
-def cpu_facts() -> dict[str, Any]:
-    """Model name and the SIMD/AMX flags that decide which kernels llama.cpp runs."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine(), "x86_64"):
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {
-        "model": name,
-        "machine": platform.machine(),
-        "cores": os.cpu_count(),
-        "flags": [flag for flag in CPU_FLAGS if flag in flags],
-        "amx": "amx_int8" in flags,
-    }
-
-
 def build_facts() -> dict[str, Any]:
     """llama-cpp-python's version, where its native libraries are, and what they were built with."""
     import llama_cpp

@@ -1,15 +1,27 @@
 """Which weights llama.cpp runs: the GGUF as given, or a copy in a faster type, made once.
 
 On CPUs, llama.cpp's batched matrix kernels are much faster for some weight types than for
-others. Measured on a 2-core AMD EPYC (AVX2) with SmolLM2-135M, raw decode tokens/s at 1 / 32 /
-64 sequences per step (`bench/weights.py`): Q4_1 (the bundled file) 96 / 170 / 177, Q4_0
-124 / 336 / 328, Q8_0 97 / 284 / 355, F16 64 / 394 / 438. Our engine decodes 32 sequences at a
-time, so the bundled Q4_1 file is best run as F16: its 4-bit values and their scales convert to
-F16 almost exactly (the model is the same; only llama.cpp's kernels change).
+others, and which ones depends on the CPU. Raw decode tokens/s of SmolLM2-135M on 2 cores at
+1 / 32 / 64 sequences per step (`bench/weights.py`):
 
-The engine option `weights` picks: `auto` (default: an F16 copy for a quantized model whose copy
-stays under `AUTO_F16_MAX_BYTES`, else the file), `file` (the file as given), `f16` or `q8_0`.
-Copies are written once to `~/.cache/magpie/models/` (atomically) and reused.
+| weights | AMD EPYC, AVX2 | Intel Xeon with AMX |
+|---|---|---|
+| Q4_1 (the bundled file) | 96 / 170 / 177 | 218 / 681 / 781 |
+| Q8_0 | 97 / 284 / 355 | 141 / 762 / 919 |
+| F16 | 64 / 394 / 438 | 59 / 284 / 348 |
+
+Where the CPU has AMX int8 tiles, llama.cpp repacks the quantized types its AMX kernels take
+(`AMX_FTYPES`) and multiplies them there: the file as given is fastest. Elsewhere the bundled
+Q4_1 file is best run as F16: its 4-bit values and their scales convert to F16 almost exactly
+(the model is the same; only llama.cpp's kernels change).
+
+The engine option `weights` picks: `auto` (default: the file as given on an AMX CPU when its type
+has AMX kernels; else an F16 copy for a quantized model whose copy stays under
+`AUTO_F16_MAX_BYTES`; else the file), `file` (the file as given), `f16` or `q8_0`. Copies are
+written once to `~/.cache/magpie/models/` (atomically) and reused. The choice depends only on
+the CPU's flags and the file (not on a timing, nor on the runtime the probe chose), so a dataset
+resumes on the same CPU kind with the same weights, even after a crash moved it to a slower
+runtime.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from magpie.cache import cache_root
+from magpie.cpu import has_amx_int8
 from magpie.errors import MagpieError
 
 WEIGHTS = ("auto", "file", "f16", "q8_0")
@@ -29,10 +42,14 @@ AUTO_F16_MAX_BYTES = 1 << 30
 # llama.cpp file types (enum llama_ftype) and about how many bits a weight takes in each
 _FTYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1"}
 _FTYPE_NAMES.update({10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S"})
-_FTYPE_NAMES.update({15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"})
+_FTYPE_NAMES.update({15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 30: "IQ4_XS"})
+_FTYPE_NAMES.update({32: "BF16"})
 _BITS = {0: 32, 1: 16, 2: 4.5, 3: 5.0, 7: 8.5, 8: 5.5, 9: 6.0, 10: 2.6, 11: 3.4, 12: 3.9}
-_BITS.update({13: 4.3, 14: 4.6, 15: 4.9, 16: 5.5, 17: 5.7, 18: 6.6, 32: 16})
+_BITS.update({13: 4.3, 14: 4.6, 15: 4.9, 16: 5.5, 17: 5.7, 18: 6.6, 30: 4.25, 32: 16})
 _UNQUANTIZED = {0, 1, 32}
+AMX_FTYPES = {2, 3, 7, 14, 15, 16, 17, 18, 30}
+"""File types whose tensors llama.cpp's AMX kernels multiply (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
+Q6_K, IQ4_XS)."""
 
 
 @dataclass(frozen=True)
@@ -84,11 +101,14 @@ def resolve_weights(path: Path, requested: str | None = None) -> Weights:
     if name == "auto":
         if ftype is None or ftype in _UNQUANTIZED or ftype not in _BITS:
             return Weights(path, "file", type_name, f"auto: {type_name} runs as given")
+        if ftype in AMX_FTYPES and has_amx_int8():
+            why = f"auto: {type_name} runs as given on this CPU's AMX kernels (faster than F16)"
+            return Weights(path, "file", type_name, why)
         f16_bytes = path.stat().st_size * 16 / _BITS[ftype]
         if f16_bytes > AUTO_F16_MAX_BYTES:
             return Weights(path, "file", type_name, "auto: an F16 copy would be too big")
         name = "f16"
-        reason = f"auto: {type_name} has slow batched CPU kernels; F16 decodes batches faster"
+        reason = f"auto: {type_name} has slow batched kernels on this CPU; F16 is faster"
     else:
         reason = f"engine option weights={name}"
     return Weights(converted(path, name), name, type_name, reason)

@@ -101,7 +101,7 @@ def cpu_settings(dtype: str, enforce_eager: bool | None) -> tuple[str, bool]:
     Without AVX-512, torch.compile's warm-up costs ~170 s of start-up and gave no speed, so the
     model runs eagerly (start-up 53 s). An explicit dtype or `enforce_eager` is kept.
     """
-    from magpie.engines.llamacpp_runtime import cpu_facts
+    from magpie.cpu import cpu_facts
 
     flags = set(cpu_facts()["flags"])
     if dtype == "auto" and not flags & {"avx512_bf16", "amx_bf16"}:
