@@ -16,10 +16,11 @@ Tokens are counted as sampled, the end-of-turn token included, on every side; th
 count includes attempts it dropped unfinished once a block had its rows (work done, as in the
 raw runs, which run every attempt of a block to its end). The machine may be shared: the load
 average is printed, and the runs are interleaved (`--rounds`) so each ratio compares runs made
-under similar load. `--alternatives` runs the pipeline again with other llama.cpp weights and
-runtimes, so the configuration the engine chose on this CPU is printed next to them.
+under similar load. `--alternatives` runs the pipeline again with other llama.cpp weights,
+runtimes and KV cache types, so the configuration the engine chose on this CPU is printed next
+to them.
 
-    python bench/instructions.py --rows 64 [--alternatives f16:native,q8_0:native]
+    python bench/instructions.py --rows 64 [--alternatives f16:native:f16,file:native:f16]
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ def main() -> None:
     parser.add_argument(
         "--alternatives",
         default="",
-        help="other llama.cpp configurations to run the pipeline with, as WEIGHTS:RUNTIME pairs "
-        "(e.g. f16:native,q8_0:native,file:no-repack), each after the chosen one in every round",
+        help="other llama.cpp configurations to run the pipeline with, as WEIGHTS:RUNTIME:KV "
+        "(e.g. f16:native:f16,file:native:f16,file:no-repack:q8_0), after the chosen one",
     )
     args = parser.parse_args()
     config = InstructionsConfig(
@@ -217,8 +218,10 @@ def main() -> None:
     print(f"cpu: {cpu['model']} ({', '.join(cpu['flags'])})")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; batch {args.batch}")
     print(f"engine weights: {engine.weights.kind} ({engine.weights.reason})")
-    print(f"engine runtime: {engine.runtime.name} ({engine.runtime.reason})")
-    alternatives = [tuple(pair.split(":")) for pair in args.alternatives.split(",") if pair]
+    print(f"engine runtime: {engine.runtime.name} ({engine.runtime.reason}); KV {engine.kv_type}")
+    alternatives = [
+        (*alt.split(":"), "auto", "auto")[:3] for alt in args.alternatives.split(",") if alt
+    ]
     for round_ in range(args.rounds):
         seconds, attempts, tokens = run_pipeline(engine, config)
         numbers = list(range(attempts))
@@ -238,15 +241,17 @@ def main() -> None:
             print(f"    pipeline / raw single  : {pipe_tps / one_tps:.2f}x tokens/s")
         print(f"    pipeline / raw batched : {pipe_tps / raw_tps:.3f}")
         print(f"    pipeline / raw one pool: {pipe_tps / pool_tps:.3f}")
-        chosen = f"{engine.weights.kind}:{engine.runtime.name} (chosen)"
+        chosen = f"{engine.weights.kind}:{engine.runtime.name}:{engine.kv_type} (chosen)"
         print(f"    {'configuration':<28}{'tokens/s':>10}{'vs chosen':>11}")
         print(f"    {chosen:<28}{pipe_tps:>10.1f}{1:>11.2f}")
-        for weights, runtime in alternatives:
-            other = LlamaCppEngine(batch_size=args.batch, weights=weights, runtime=runtime)
+        for weights, runtime, kv in alternatives:
+            other = LlamaCppEngine(
+                batch_size=args.batch, weights=weights, runtime=runtime, kv_type=kv
+            )
             alt_seconds, _, alt_tokens = run_pipeline(other, config)
             other.close()
             alt_tps = alt_tokens / alt_seconds
-            label = f"{other.weights.kind}:{other.runtime.name}"
+            label = f"{other.weights.kind}:{other.runtime.name}:{other.kv_type}"
             print(f"    {label:<28}{alt_tps:>10.1f}{alt_tps / pipe_tps:>11.2f}")
         select_runtime(engine.weights.path)  # the chosen runtime's model loading, again
         print(f"    load average now {os.getloadavg()[0]:.1f}")

@@ -30,6 +30,8 @@ def measure(name: str, model: str | None, prompt_tokens: int, decode_tokens: int
     words = " ".join(f"word{i}" for i in range(prompt_tokens))
     prompt = f"<|im_start|>user\nRepeat: {words}<|im_end|>\n<|im_start|>assistant\n"
     tokens = engine.count_tokens(prompt)
+    warm = "<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\n"
+    engine.generate([Request(warm, Sampling(temperature=0.0, max_tokens=4))])  # context set-up
     started = time.perf_counter()
     engine.generate([Request(prompt, Sampling(temperature=0.0, max_tokens=1), seed=0)])
     prompt_s = time.perf_counter() - started

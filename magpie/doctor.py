@@ -91,6 +91,8 @@ def environment(engine: Any = None) -> dict[str, Any]:
     chosen = getattr(engine, "runtime", None)
     if isinstance(chosen, runtime.LlamaRuntime):
         env["llamacpp"] = {**chosen.as_dict(), "version": _version("llama-cpp-python")}
+        if getattr(engine, "kv_type", None):
+            env["llamacpp"]["kv_type"] = engine.kv_type
         weights = getattr(engine, "weights", None)
         if weights is not None:
             env["llamacpp"]["weights"] = _weights_facts(weights)

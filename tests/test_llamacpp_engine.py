@@ -233,14 +233,19 @@ def test_spare_requests_run_ahead_and_the_next_call_takes_them_over(engine) -> N
     short = Sampling(temperature=1.0, max_tokens=6, stop=())
     own = [Request(PRE_QUERY, sampling, seed=1), Request(PRE_QUERY, short, seed=2)]
     ahead = [Request(PRE_QUERY, s, seed=10 + i) for i, s in enumerate([short] * 3 + [sampling])]
-    ahead.append(Request(PRE_QUERY, Sampling(temperature=1.0, max_tokens=300, stop=()), seed=20))
+    # one still running when the call ends: the first of 32 seeds whose text passes 100 tokens
+    # (texts depend on the CPU's weights and kernels; any batch gives each its text alone)
+    long = Sampling(temperature=1.0, max_tokens=300, stop=())
+    candidates = [Request(PRE_QUERY, long, seed=seed) for seed in range(20, 52)]
+    runs = [c.completion_tokens for (c,) in engine.generate(candidates)]
+    ahead.append(next(r for r, n in zip(candidates, runs, strict=True) if n >= 100))
     alone = [engine.generate([r])[0][0].text for r in ahead]
     expected = [c.text for (c,) in engine.generate(own)]
 
     results = generate_until(engine, own, None, lambda i, c: False, spare=ahead)
     assert [c.text for (c,) in results] == expected  # type: ignore[misc]
     assert len(decoder._kept_results) >= 3  # the short ones finished in the call's slots
-    assert len(decoder._kept) >= 1  # the 300-token one was still running
+    assert len(decoder._kept) >= 1  # the long one was still running
     sampled = decoder.sampled_tokens
     again = engine.generate(ahead)
     assert [c.text for (c,) in again] == alone

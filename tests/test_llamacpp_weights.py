@@ -50,7 +50,7 @@ def test_weights_option_file_keeps_the_model_id_and_changes_the_text(cache) -> N
         seed=0,
     )
     as_file = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, weights="file")
-    f16 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, weights="f16")
+    f16 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, weights="f16", kv_type="f16")
     try:
         assert "run as" not in as_file.info.model_id
         assert f16.info.model_id.endswith("(run as F16)")  # part of every dataset's identity
@@ -103,7 +103,7 @@ def test_kv_type_option_enters_the_model_id_and_keeps_greedy_text_close(cache) -
         Sampling(temperature=0.0, max_tokens=16, logprobs=5),
         seed=0,
     )
-    f16 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, weights="f16")
+    f16 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, weights="f16", kv_type="f16")
     q8 = LlamaCppEngine(n_ctx=512, batch_size=2, n_threads=1, weights="f16", kv_type="q8_0")
     try:
         assert f16.kv_type == "f16" and "KV" not in f16.info.model_id
@@ -121,6 +121,17 @@ def test_kv_type_option_enters_the_model_id_and_keeps_greedy_text_close(cache) -
     finally:
         q8.close()
         f16.close()
+
+
+@pytest.mark.parametrize(("amx", "expected"), [(True, "q8_0"), (False, "f16")])
+def test_kv_type_auto_follows_the_cpu(monkeypatch, amx: bool, expected: str) -> None:
+    """Q8_0 where the CPU has AMX (flash attention over F16 cells is slow there), else F16; what
+    the user names is kept."""
+    from magpie.engines import llamacpp
+
+    monkeypatch.setattr(llamacpp, "has_amx_int8", lambda: amx)
+    assert llamacpp.resolve_kv_type(None) == llamacpp.resolve_kv_type("auto") == expected
+    assert llamacpp.resolve_kv_type("F16") == "f16"
 
 
 def test_unknown_kv_type_is_one_line(cache) -> None:
