@@ -862,6 +862,7 @@ def doctor(
         if "weights" in llama:
             weights = llama["weights"]
             row("weights", f"{weights['kind']} ({weights['reason']})")
+            row("kv cache", f"{llama['kv_type']} (auto for this CPU; engine option kv_type)")
     for name, status in facts["engines"].items():
         state = f"ok {status['version'] or ''}".strip() if status["ok"] else "missing"
         row(f"engine {name}", f"{state}  {status['why']}".rstrip())

@@ -63,11 +63,12 @@ def llamacpp_status(model: Path | None, probe: bool) -> dict[str, Any]:
         return {"error": f"llama.cpp does not load: {exc}"}
     facts.pop("libs", None)
     if probe:
-        from magpie.engines.llamacpp import bundled_model_path
+        from magpie.engines.llamacpp import bundled_model_path, resolve_kv_type
         from magpie.engines.llamacpp_weights import resolve_weights
 
         weights = resolve_weights(model or bundled_model_path())
         facts["weights"] = _weights_facts(weights)
+        facts["kv_type"] = resolve_kv_type(None)
         chosen = runtime.select_runtime(weights.path)
         facts["runtime"] = {**chosen.as_dict(), "description": chosen.description}
     else:

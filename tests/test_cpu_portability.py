@@ -184,6 +184,7 @@ def test_doctor_reports_cpu_runtime_and_engines(tmp_path: Path) -> None:
     weights = facts["llamacpp"]["weights"]
     assert weights["kind"] == ("file" if has_amx_int8() else "f16")
     assert weights["source_type"] == "Q4_1"
+    assert facts["llamacpp"]["kv_type"] == ("q8_0" if has_amx_int8() else "f16")
     assert facts["engines"]["llamacpp"]["ok"] is True
     assert set(facts["engines"]) >= {"llamacpp", "vllm", "transformers", "openai", "ray"}
     for status in facts["engines"].values():
