@@ -4,11 +4,11 @@ On CPUs, llama.cpp's batched matrix kernels are much faster for some weight type
 others, and which ones depends on the CPU. Raw decode tokens/s of SmolLM2-135M on 2 cores at
 1 / 32 / 64 sequences per step (`bench/weights.py`):
 
-| weights | AMD EPYC, AVX2 | Intel Xeon with AMX |
-|---|---|---|
-| Q4_1 (the bundled file) | 96 / 170 / 177 | 218 / 681 / 781 |
-| Q8_0 | 97 / 284 / 355 | 141 / 762 / 919 |
-| F16 | 64 / 394 / 438 | 59 / 284 / 348 |
+| weights | AMD EPYC, AVX2 | Intel Xeon with AMX | same Xeon, no AMX (`no-repack`) |
+|---|---|---|---|
+| Q4_1 (the bundled file) | 96 / 170 / 177 | 274 / 753 / 663 | 76 / 191 / 209 |
+| Q8_0 | 97 / 284 / 355 | 140 / 745 / 834 | 69 / 330 / 347 |
+| F16 | 64 / 394 / 438 | 50 / 306 / 313 | 47 / 335 / 377 |
 
 Where the CPU has AMX int8 tiles, llama.cpp repacks the quantized types its AMX kernels take
 (`AMX_FTYPES`) and multiplies them there: the file as given is fastest. Elsewhere the bundled
