@@ -57,7 +57,11 @@ def test_governor_gives_up_a_busy_core_mid_run_and_the_text_does_not_change(
         governor.threads = usable_cores()  # start from all cores, as on an idle machine
         llama_cpp.llama_set_n_threads(governor._ctx, governor.threads, governor.threads)
         governor._period = 0.0
-        texts = [[c.text for c in r] for r in adaptive.generate(requests)]
+        for _ in range(20):  # a call can end before two checks agree (fast CPUs: ~0.1 s)
+            texts = [[c.text for c in r] for r in adaptive.generate(requests)]
+            assert texts == expected
+            if governor.changes:
+                break
         assert governor.changes >= 1 and governor.threads < usable_cores()
     finally:
         adaptive.close()
