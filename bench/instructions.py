@@ -11,7 +11,9 @@ Q4_1 file, the faster type one sequence at a time):
   and once more over all attempts as one pool (no block tails). The pipeline now starts the
   next block's attempts in a block's tail (spare requests), so one pool is its ceiling;
 - raw single-stream: llama-cpp-python's `create_completion` one attempt at a time, what the
-  engine did before batching (target pipeline/single >= 3 at the default batch).
+  engine did before batching (target pipeline/single >= 3 at the default batch). Raw one pool /
+  raw single is what batching itself gives on this CPU, the ceiling of that ratio (on AMX the
+  one-sequence kernel is fast: ~2.6-2.9x).
 Tokens are counted as sampled, the end-of-turn token included, on every side; the pipeline's
 count includes attempts it dropped unfinished once a block had its rows (work done, as in the
 raw runs, which run every attempt of a block to its end). The machine may be shared: the load
@@ -239,6 +241,9 @@ def main() -> None:
             one_tps = one_tokens / one_seconds
             print(f"    raw single  : {one_seconds:.1f} s, {one_tps:.1f} tokens/s")
             print(f"    pipeline / raw single  : {pipe_tps / one_tps:.2f}x tokens/s")
+            print(
+                f"    raw one pool / single  : {pool_tps / one_tps:.2f}x (batching's ceiling here)"
+            )
         print(f"    pipeline / raw batched : {pipe_tps / raw_tps:.3f}")
         print(f"    pipeline / raw one pool: {pipe_tps / pool_tps:.3f}")
         chosen = f"{engine.weights.kind}:{engine.runtime.name}:{engine.kv_type} (chosen)"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions")
     parser.add_argument("--tokenizer", help="HF tokenizer folder of the bundled model")
     parser.add_argument("--write-tokenizer", metavar="DIR", help="make that folder and exit")
     args = parser.parse_args()
@@ -140,14 +142,21 @@ def main() -> None:
             "--tokenizer DIR is needed (make it with --write-tokenizer, see the docstring)"
         )
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    ours = run_magpie(args.num, args.max_tokens)
-    theirs, made, usable = run_distilabel(args.num, args.max_tokens, args.tokenizer)
-    print(f"magpie     : {args.num} instructions in {ours:.1f} s ({args.num / ours:.2f}/s)")
-    print(f"distilabel : {made} instructions in {theirs:.1f} s ({made / theirs:.2f}/s)")
-    print(f"ratio      : {args.num / ours / (made / theirs):.2f}x instructions/s")
-    rate = usable / theirs
-    print(f"distilabel rows that pass magpie's checks: {usable} of {made} ({rate:.2f}/s)")
-    print(f"ratio      : {args.num / ours / rate:.2f}x usable instructions/s")
+    ratios: list[float] = []
+    for round_ in range(args.rounds):  # interleaved: this machine's speed drifts between runs
+        ours = run_magpie(args.num, args.max_tokens)
+        theirs, made, usable = run_distilabel(args.num, args.max_tokens, args.tokenizer)
+        ratios.append(args.num / ours / (made / theirs))
+        print(f"[{round_}] magpie     : {args.num} instructions in {ours:.1f} s", end="")
+        print(f" ({args.num / ours:.2f}/s)")
+        print(f"    distilabel : {made} instructions in {theirs:.1f} s ({made / theirs:.2f}/s)")
+        print(f"    ratio      : {ratios[-1]:.2f}x instructions/s")
+        rate = usable / theirs
+        print(f"    distilabel rows that pass magpie's checks: {usable} of {made} ({rate:.2f}/s)")
+        print(f"    ratio      : {args.num / ours / rate:.2f}x usable instructions/s")
+    if len(ratios) > 1:
+        listed = ", ".join(f"{r:.2f}" for r in ratios)
+        print(f"ratios: {listed}; median {statistics.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from magpie.templates import (
@@ -34,6 +40,12 @@ LLAMA31 = (
     "message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
+
+
+@pytest.fixture(autouse=True)
+def _own_render_cache(tmp_path, monkeypatch) -> None:
+    """Each test renders its templates for real (the shared cache would answer from disk)."""
+    monkeypatch.setattr("magpie.templates.cache_root", lambda: tmp_path / "cache")
 
 
 def chatml(default_system: str | None) -> str:
@@ -296,3 +308,43 @@ def test_template_failing_on_plain_chat_is_one_line(tmp_path) -> None:
     good.write_text(TOOL_USE)
     ok = run_cli("template", "--chat-template", str(good), "--json")
     assert ok.returncode == 0, ok.stderr
+
+
+DERIVE = """
+import json, sys
+from magpie.templates import derive_chat_format
+fmt = derive_chat_format(open(sys.argv[1]).read(), bos_token="<s>", eos_token="</s>")
+print(json.dumps({"pre_query": fmt.pre_query, "stops": fmt.stops,
+                  "transformers": "transformers" in sys.modules}))
+"""
+
+
+def _derive_in_a_new_process(template: Path, cache: Path) -> dict:
+    env = {**os.environ, "MAGPIE_CACHE_DIR": str(cache)}
+    out = subprocess.run(
+        [sys.executable, "-c", DERIVE, str(template)], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_a_derived_template_is_remembered_and_the_next_command_skips_transformers(
+    tmp_path,
+) -> None:
+    template = tmp_path / "llama31.jinja"
+    template.write_text(LLAMA31)
+    first = _derive_in_a_new_process(template, tmp_path / "cache")
+    assert first["transformers"]  # rendered by transformers' chat template renderer
+    assert list((tmp_path / "cache" / "templates").glob("*.txt"))  # one file per render
+    again = _derive_in_a_new_process(template, tmp_path / "cache")
+    assert not again["transformers"]
+    assert again["pre_query"] == first["pre_query"]
+    assert again["stops"] == first["stops"]
+    assert "Today Date: 26 Jul 2024" in again["pre_query"]
+
+
+def test_a_template_that_writes_todays_date_is_rendered_each_time(tmp_path) -> None:
+    today = LLAMA31.replace("'26 Jul 2024'", "strftime_now('%d %b %Y')")
+    fmt = derive_chat_format(today, bos_token="<s>", eos_token="</s>")
+    assert fmt.pre_query.startswith("<s><|start_header_id|>system")
+    assert not (tmp_path / "cache" / "templates").exists()
