@@ -262,31 +262,34 @@ def resolve_system_prompt(value: str | None) -> str | None:
 def _render(template: str, messages: list[dict[str, str]], generation: bool) -> str:
     """Render `messages` with transformers' chat template renderer, remembered on disk.
 
-    The text is a function of the template, the sentinel messages and the transformers release,
-    so it is kept under the cache directory by their hash: a later command derives its format
-    without importing transformers (about 1.4 s of every command's start on 2 cores). A template
-    that writes today's date (`strftime_now`) is rendered afresh each time."""
+    The text is a function of the template, the sentinel messages and the transformers and
+    jinja2 releases, so it is kept under the cache directory by their hash: a later command
+    derives its format without importing transformers (about 1.4 s of every command's start on
+    2 cores). A template that writes today's date (`strftime_now`) is rendered afresh each
+    time."""
     if "strftime_now" in template:
         return _render_now(template, messages, generation)
     key = _render_key(template, messages, generation)
     path = cache_root() / "templates" / f"{key}.txt"
     with contextlib.suppress(OSError, UnicodeDecodeError):
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")  # bytes: a "\r\n" stays as rendered
     text = _render_now(template, messages, generation)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.{os.getpid()}")
-        temp.write_text(text, encoding="utf-8")
+        temp.write_bytes(text.encode("utf-8"))
         temp.replace(path)
     return text
 
 
 def _render_key(template: str, messages: list[dict[str, str]], generation: bool) -> str:
-    try:
-        release = metadata.version("transformers")
-    except metadata.PackageNotFoundError:
-        release = "none"
-    blob = json.dumps([template, messages, generation, _BOS, _EOS, _DATE, release])
+    releases = []
+    for package in ("transformers", "jinja2"):
+        try:
+            releases.append(metadata.version(package))
+        except metadata.PackageNotFoundError:
+            releases.append("none")
+    blob = json.dumps([template, messages, generation, _BOS, _EOS, _DATE, releases])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

@@ -343,6 +343,14 @@ def test_a_derived_template_is_remembered_and_the_next_command_skips_transformer
     assert "Today Date: 26 Jul 2024" in again["pre_query"]
 
 
+def test_a_remembered_render_keeps_its_line_endings() -> None:
+    crlf = chatml(None).replace("\\n", "\\r\\n")
+    first = derive_chat_format(crlf, bos_token="<s>", eos_token="<|im_end|>")
+    again = derive_chat_format(crlf, bos_token="<s>", eos_token="<|im_end|>")
+    assert first.pre_query.endswith("<|im_start|>user\r\n")
+    assert again == first
+
+
 def test_a_template_that_writes_todays_date_is_rendered_each_time(tmp_path) -> None:
     today = LLAMA31.replace("'26 Jul 2024'", "strftime_now('%d %b %Y')")
     fmt = derive_chat_format(today, bos_token="<s>", eos_token="</s>")
