@@ -153,6 +153,8 @@ def scores(judge: JudgeRewardModel) -> list[float]:
 def test_judge_names(judge: JudgeRewardModel) -> None:
     assert judge.model_id == f"judge:{judge.engine.info.model_id}"
     assert judge.model_id.startswith("judge:HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert judge.engine.kv_type == "f16"  # whatever generation picks on this CPU: prompts only
+    assert "KV" not in judge.model_id
     assert (judge.short_name, judge.column) == ("judge", "rewards_judge")
 
 

@@ -39,6 +39,11 @@ Conversation = list[dict[str, str]]
 TopLogprobs = Mapping[str, float]
 
 JUDGE_SPEC = "judge"
+JUDGE_KV_TYPE = "f16"
+"""The llama.cpp judge's KV cache type unless its engine options name one. A judge only reads
+prompts, and llama.cpp's tiled flash attention (a prompt's chunks of 64+ tokens) runs only over an
+F16 cache: on the AMX Xeon, where generation picks Q8_0, the CPU demo's 100 judgements took 34.2 s
+with F16 instead of 43.0 s. (Elsewhere F16 is the engine's choice anyway.)"""
 
 
 class JudgeError(RewardModelError, MagpieError):
@@ -380,7 +385,7 @@ def load_judge(spec: str, engine_name: str = "llamacpp", **engine_options: Any) 
     else:
         if path is not None and not path.is_file():
             raise JudgeError(f"judge model not found: {path}: use judge:<path to a .gguf file>")
-        options = {"n_ctx": 4096, **engine_options, "logits_all": True}
+        options = {"n_ctx": 4096, "kv_type": JUDGE_KV_TYPE, **engine_options, "logits_all": True}
         if path is not None:
             options["model"] = str(path)
         engine = create_engine("llamacpp", **options)
