@@ -20,7 +20,9 @@ raw runs, which run every attempt of a block to its end). The machine may be sha
 average is printed, and the runs are interleaved (`--rounds`) so each ratio compares runs made
 under similar load. `--alternatives` runs the pipeline again with other llama.cpp weights,
 runtimes and KV cache types, so the configuration the engine chose on this CPU is printed next
-to them.
+to them. The same decodes take 10-15% more or less time from one run to the next on a shared
+machine, so the time inside `llama_decode` is measured on both sides too, and the ratio is also
+printed as if both had decoded at the raw run's speed (what the pipeline itself adds).
 
     python bench/instructions.py --rows 64 [--alternatives f16:native:f16,file:native:f16]
 """
@@ -49,6 +51,35 @@ from magpie.runner import ProgressView, run_source
 from magpie.stages.instructions import InstructionStage, attempt_seed
 from magpie.store import ShardStore
 from magpie.templates import chat_format_for
+
+
+class DecodeClock:
+    """Time spent inside `llama_decode` and tokens decoded, for whichever run is timed: on a
+    shared machine the same decodes take 10-15% more or less from one run to the next, so the
+    time outside them is what the pipeline adds to the raw driver."""
+
+    def __init__(self) -> None:
+        self.seconds, self.entries = 0.0, 0
+        self._decode = llama_cpp.llama_decode
+        llama_cpp.llama_decode = self._timed  # the engine and the drivers look it up per call
+
+    def _timed(self, ctx: Any, batch: Any) -> int:
+        started = time.perf_counter()
+        code = self._decode(ctx, batch)
+        self.seconds += time.perf_counter() - started
+        self.entries += batch.n_tokens
+        return code
+
+    def mark(self) -> tuple[float, int]:
+        return self.seconds, self.entries
+
+
+def same_speed_ratio(pipe: tuple[float, float, int, int], raw: tuple[float, float, int, int]):
+    """Pipeline / raw tokens/s had both decoded at the raw run's speed: each is (seconds,
+    seconds inside llama_decode, tokens decoded, tokens generated)."""
+    per_token = raw[1] / raw[2]
+    pipe_seconds = pipe[0] - pipe[1] + per_token * pipe[2]
+    return (pipe[3] / pipe_seconds) / (raw[3] / raw[0])
 
 
 def run_pipeline(engine: LlamaCppEngine, config: InstructionsConfig) -> tuple[float, int, int]:
@@ -224,11 +255,16 @@ def main() -> None:
     alternatives = [
         (*alt.split(":"), "auto", "auto")[:3] for alt in args.alternatives.split(",") if alt
     ]
+    clock = DecodeClock()
     for round_ in range(args.rounds):
+        decode_seconds, decoded = clock.mark()
         seconds, attempts, tokens = run_pipeline(engine, config)
+        pipe = (seconds, clock.seconds - decode_seconds, clock.entries - decoded, tokens)
         numbers = list(range(attempts))
         blocks = [numbers[i : i + args.shard_size] for i in range(0, attempts, args.shard_size)]
+        decode_seconds, decoded = clock.mark()
         raw_seconds, raw_tokens = run_raw_batched(engine, config, blocks, args.batch)
+        raw = (raw_seconds, clock.seconds - decode_seconds, clock.entries - decoded, raw_tokens)
         pool_seconds, pool_tokens = run_raw_batched(engine, config, [numbers], args.batch)
         pipe_tps, raw_tps = tokens / seconds, raw_tokens / raw_seconds
         pool_tps = pool_tokens / pool_seconds
@@ -245,6 +281,15 @@ def main() -> None:
                 f"    raw one pool / single  : {pool_tps / one_tps:.2f}x (batching's ceiling here)"
             )
         print(f"    pipeline / raw batched : {pipe_tps / raw_tps:.3f}")
+        print(
+            f"    outside llama_decode: pipeline {pipe[0] - pipe[1]:.2f} s, raw batched "
+            f"{raw[0] - raw[1]:.2f} s; llama_decode {pipe[1]:.1f} s for {pipe[2]} tokens vs "
+            f"{raw[1]:.1f} s for {raw[2]}"
+        )
+        print(
+            f"    pipeline / raw batched at the same decode speed: "
+            f"{same_speed_ratio(pipe, raw):.3f}"
+        )
         print(f"    pipeline / raw one pool: {pipe_tps / pool_tps:.3f}")
         chosen = f"{engine.weights.kind}:{engine.runtime.name}:{engine.kv_type} (chosen)"
         print(f"    {'configuration':<28}{'tokens/s':>10}{'vs chosen':>11}")
