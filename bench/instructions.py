@@ -74,7 +74,9 @@ class DecodeClock:
         return self.seconds, self.entries
 
 
-def same_speed_ratio(pipe: tuple[float, float, int, int], raw: tuple[float, float, int, int]):
+def same_speed_ratio(
+    pipe: tuple[float, float, int, int], raw: tuple[float, float, int, int]
+) -> float:
     """Pipeline / raw tokens/s had both decoded at the raw run's speed: each is (seconds,
     seconds inside llama_decode, tokens decoded, tokens generated)."""
     per_token = raw[1] / raw[2]

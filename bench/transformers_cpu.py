@@ -46,15 +46,16 @@ def step_rate(model, batch: int, context: int, steps: int, repeats: int) -> floa
     return batch * steps / best
 
 
-def llamacpp_rate(path: Path, batch: int, steps: int, threads: int) -> str:
-    """`bench/weights.py`'s decode tokens/s for the same batch, in a subprocess."""
+def llamacpp_rate(path: Path, batch: int, steps: int, threads: int) -> float | None:
+    """`bench/weights.py`'s decode tokens/s for the same batch, in a subprocess (None if it
+    failed)."""
     script = REPO / "bench" / "weights.py"
     cmd = [sys.executable, str(script), "--child", str(path), str(batch), "native"]
     cmd += ["--steps", str(steps), "--threads", str(threads)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not done.stdout.strip():
-        return f"exit {done.returncode}"
-    return f"{json.loads(done.stdout):.1f}"
+        return None
+    return float(json.loads(done.stdout))
 
 
 def main() -> None:
@@ -82,7 +83,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     print(f"{'engine':<24}" + "".join(f"{f'{b} seq tok/s':>16}" for b in batches))
     llama = [llamacpp_rate(path, b, args.steps, args.threads) for b in batches]
-    print(f"{'llama.cpp (file)':<24}" + "".join(f"{c:>16}" for c in llama))
+    cells = [f"{r:.1f}" if r is not None else "failed" for r in llama]
+    print(f"{'llama.cpp (file)':<24}" + "".join(f"{c:>16}" for c in cells))
     for name in args.dtypes.split(","):
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(
@@ -92,12 +94,11 @@ def main() -> None:
         rates = [step_rate(model, b, args.context, args.steps, args.repeats) for b in batches]
         label = f"transformers {name}"
         print(f"{label:<24}" + "".join(f"{r:>16.1f}" for r in rates) + f"   (load {loaded:.0f} s)")
-        numbers = [float(c) for c in llama if c.replace(".", "", 1).isdigit()]
-        if numbers:
+        if None not in llama:
             print(
-                f"    best {max(rates):.1f} tok/s vs llama.cpp's best {max(numbers):.1f}: "
-                f"{max(rates) / max(numbers):.2f}x; vs llama.cpp's one sequence "
-                f"{max(rates) / numbers[0]:.2f}x"
+                f"    best {max(rates):.1f} tok/s vs llama.cpp's best {max(llama):.1f}: "
+                f"{max(rates) / max(llama):.2f}x; vs llama.cpp's one sequence "
+                f"{max(rates) / llama[0]:.2f}x"
             )
         del model
 
