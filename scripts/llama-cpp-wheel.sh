@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # F16 weights) run ~2.5x slower than without them (measured on a Xeon with AMX, GCC 12): leave
 # them out. Elsewhere nothing changes, nor does the cache key.
 extra=""
-if grep -m1 -E '^flags' /proc/cpuinfo 2>/dev/null | grep -qw avx512fp16 \
+if grep -m1 -E '^flags' /proc/cpuinfo 2>/dev/null | grep -qw avx512_fp16 \
   && echo | cc -mno-avx512fp16 -E - >/dev/null 2>&1; then
   extra="-DCMAKE_C_FLAGS=-mno-avx512fp16 -DCMAKE_CXX_FLAGS=-mno-avx512fp16"
 fi
