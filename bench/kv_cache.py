@@ -34,16 +34,14 @@ def decode_speed(engine: LlamaCppEngine, batch: int, steps: int) -> dict[int, fl
         llama_cpp.llama_memory_clear(decoder._memory, False)
         prompt = [(100 + k % 50, k, 0, False) for k in range(context)]
         for start in range(0, context, decoder.capacity):
-            decoder._fill(prompt[start : start + decoder.capacity])
-            decoder._decode()
+            decoder._decode(prompt[start : start + decoder.capacity])
         for seq in range(1, batch):
             llama_cpp.llama_memory_seq_cp(decoder._memory, 0, seq, -1, -1)
         best = float("inf")
         for _ in range(3):  # the best of three runs of `steps` steps
             started = time.perf_counter()
             for step in range(steps):
-                decoder._fill([(120, context + step, seq, True) for seq in range(batch)])
-                decoder._decode()
+                decoder._decode([(120, context + step, seq, True) for seq in range(batch)])
             best = min(best, time.perf_counter() - started)
             for seq in range(batch):
                 llama_cpp.llama_memory_seq_rm(decoder._memory, seq, context, -1)
@@ -59,8 +57,7 @@ def next_token_logprobs(engine: LlamaCppEngine, tokens: list[int]) -> np.ndarray
     rows = []
     for start in range(0, len(tokens), 64):
         chunk = tokens[start : start + 64]
-        decoder._fill([(t, start + k, 0, True) for k, t in enumerate(chunk)])
-        decoder._decode()
+        decoder._decode([(t, start + k, 0, True) for k, t in enumerate(chunk)])
         rows.extend(decoder._logits(k).copy() for k in range(len(chunk)))
     logits = np.array(rows, dtype=np.float64)
     logits -= logits.max(axis=1, keepdims=True)

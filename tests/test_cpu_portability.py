@@ -180,11 +180,11 @@ def test_doctor_reports_cpu_runtime_and_engines(tmp_path: Path) -> None:
     facts = json.loads(done.stdout)
     assert facts["cpu"] == rt.cpu_facts()
     assert facts["llamacpp"]["runtime"]["name"] in rt.RUNTIMES
-    # the bundled Q4_1 file runs as given where llama.cpp's AMX kernels take it, else as F16
+    # the bundled Q4_1 file runs as a Q8_0 copy where the CPU has AMX, else as F16
     weights = facts["llamacpp"]["weights"]
-    assert weights["kind"] == ("file" if has_amx_int8() else "f16")
+    assert weights["kind"] == ("q8_0" if has_amx_int8() else "f16")
     assert weights["source_type"] == "Q4_1"
-    assert facts["llamacpp"]["kv_type"] == ("q8_0" if has_amx_int8() else "f16")
+    assert facts["llamacpp"]["kv_type"] == "f16"
     assert facts["engines"]["llamacpp"]["ok"] is True
     assert set(facts["engines"]) >= {"llamacpp", "vllm", "transformers", "openai", "ray"}
     for status in facts["engines"].values():

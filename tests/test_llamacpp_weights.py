@@ -1,5 +1,5 @@
-"""Which weights llama.cpp runs: the bundled Q4_1 file as given on a CPU with AMX, else as an
-F16 copy (cached)."""
+"""Which weights llama.cpp runs: the bundled Q4_1 file as a Q8_0 copy on a CPU with AMX, else as
+an F16 copy (both cached)."""
 
 from __future__ import annotations
 
@@ -33,14 +33,18 @@ def test_auto_runs_the_bundled_model_as_a_cached_f16_copy_without_amx(cache, mon
     assert not list((cache / "models").glob(".*tmp*"))
 
 
-def test_auto_runs_the_bundled_model_as_given_on_amx(cache, monkeypatch) -> None:
-    """llama.cpp's AMX kernels take Q4_1 (and Q4_0, Q8_0, K-quants): the file is fastest there."""
+def test_auto_runs_the_bundled_model_as_a_cached_q8_0_copy_on_amx(cache, monkeypatch) -> None:
+    """On AMX, llama.cpp's kernels run a Q8_0 copy of the Q4_1 file faster than the file; other
+    types its AMX kernels take run as given."""
     monkeypatch.setattr(llamacpp_weights, "has_amx_int8", lambda: True)
     chosen = resolve_weights(bundled_model_path())
-    assert chosen.kind == "file" and chosen.path == bundled_model_path()
-    assert chosen.source_type == "Q4_1" and "AMX" in chosen.reason
-    assert not (cache / "models").exists()  # nothing converted
-    assert resolve_weights(bundled_model_path(), "f16").kind == "f16"  # the option still rules
+    assert chosen.kind == "q8_0" and chosen.source_type == "Q4_1" and "AMX" in chosen.reason
+    assert chosen.path.parent == cache / "models" and file_type(chosen.path) == 7  # Q8_0
+    assert resolve_weights(chosen.path).kind == "file"  # a Q8_0 file runs as given on AMX
+    assert resolve_weights(bundled_model_path(), "file").kind == "file"  # the option still rules
+    monkeypatch.setattr(llamacpp_weights, "AUTO_COPY_MAX_BYTES", 1 << 20)
+    too_big = resolve_weights(bundled_model_path())
+    assert too_big.kind == "file" and "too big" in too_big.reason
 
 
 def test_weights_option_file_keeps_the_model_id_and_changes_the_text(cache) -> None:
@@ -123,14 +127,13 @@ def test_kv_type_option_enters_the_model_id_and_keeps_greedy_text_close(cache) -
         f16.close()
 
 
-@pytest.mark.parametrize(("amx", "expected"), [(True, "q8_0"), (False, "f16")])
-def test_kv_type_auto_follows_the_cpu(monkeypatch, amx: bool, expected: str) -> None:
-    """Q8_0 where the CPU has AMX (flash attention over F16 cells is slow there), else F16; what
-    the user names is kept."""
+def test_kv_type_auto_is_f16() -> None:
+    """F16 on every CPU (Q8_0 is no faster, and moves the logits more); what the user names is
+    kept."""
     from magpie.engines import llamacpp
 
-    monkeypatch.setattr(llamacpp, "has_amx_int8", lambda: amx)
-    assert llamacpp.resolve_kv_type(None) == llamacpp.resolve_kv_type("auto") == expected
+    assert llamacpp.resolve_kv_type(None) == llamacpp.resolve_kv_type("auto") == "f16"
+    assert llamacpp.resolve_kv_type("Q8_0") == "q8_0"
     assert llamacpp.resolve_kv_type("F16") == "f16"
 
 

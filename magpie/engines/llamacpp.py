@@ -17,7 +17,6 @@ from importlib import util
 from pathlib import Path
 from typing import Any
 
-from magpie.cpu import has_amx_int8
 from magpie.engines.base import (
     Completion,
     EngineError,
@@ -69,21 +68,19 @@ DEFAULT_BATCH_SIZE = 32
 KV_BUDGET_BYTES = 1 << 30
 """Default KV cache size cap (all sequences' streams together)."""
 DEFAULT_KV_TYPE = "f16"
-"""KV cache type where the CPU has no AMX. `q8_0` halves the KV memory; on 2 AVX2 cores its decode
-steps at 32 sequences ran 0-30% faster at 128-448 tokens of context, but the responses stage of
-the CPU demo ran at the same speed (178 vs 179 tok/s), and the next-token distribution moves by a
-KL of ~3e-4 (`bench/kv_cache.py`)."""
-AMX_KV_TYPE = "q8_0"
-"""KV cache type on a CPU with AMX: there llama.cpp's flash attention over an F16 cache ran at half
-the speed of a Q8_0 one (one sequence at ~500 tokens of context: 95 vs 180 tok/s; 63-token
-prompt chunks 224 vs 505 tok/s), and the CPU demo's responses stage took 89 s instead of 44 s."""
+"""The KV cache type of `kv_type=auto`, on every CPU. `q8_0` halves the KV memory but moves the
+next-token distribution (KL ~3e-4 on AMD, ~5e-3 on the AMX Xeon: `bench/kv_cache.py`) and is not
+faster: 32-sequence decode steps on 2 AVX2 cores ran 0-30% faster at 128-448 tokens of context,
+the CPU demo's responses at the same speed; on the AMX Xeon (build without AVX512-FP16) F16 ran
+steps at 256 / 448 tokens of context at 436 / 320 tokens/s against 377 / 216, and evaluated
+prompts 1.5x faster (llama.cpp's tiled flash attention takes only F16)."""
 
 
 def resolve_kv_type(requested: str | None) -> str:
-    """The engine option `kv_type` (`auto` or unset: by this CPU, see `AMX_KV_TYPE`)."""
+    """The engine option `kv_type` (`auto` or unset: `DEFAULT_KV_TYPE`)."""
     name = (requested or "auto").strip().lower()
     if name == "auto":
-        return AMX_KV_TYPE if has_amx_int8() else DEFAULT_KV_TYPE
+        return DEFAULT_KV_TYPE
     return check_kv_type(name)
 
 
@@ -95,9 +92,9 @@ class LlamaCppEngine:
     sequences together; default 1 GiB of KV: fewer sequences run at once when their streams of
     prompt + max_tokens do not fit), `n_threads`, `n_batch` (most tokens per decode, capped by
     the CPU runtime's limit), `weights` (auto, file, f16, q8_0: see `llamacpp_weights`; auto runs
-    the bundled Q4_1 model as given on a CPU with AMX, else as F16: about twice as fast in
-    batches either way), `kv_type` (the KV cache type: `auto` (default) is `q8_0` on a CPU with
-    AMX, else `f16`; q8_0 halves its memory), `runtime`.
+    the bundled Q4_1 model as Q8_0 on a CPU with AMX, else as F16: faster in batches either
+    way), `kv_type` (the KV cache type: `auto` (default) is `f16`; q8_0 halves its memory),
+    `runtime`.
     """
 
     name = "llamacpp"

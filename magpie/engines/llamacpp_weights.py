@@ -6,18 +6,27 @@ others, and which ones depends on the CPU. Raw decode tokens/s of SmolLM2-135M o
 
 | weights | AMD EPYC, AVX2 | Intel Xeon with AMX | same Xeon, no AMX (`no-repack`) |
 |---|---|---|---|
-| Q4_1 (the bundled file) | 96 / 170 / 177 | 274 / 753 / 663 | 76 / 191 / 209 |
-| Q8_0 | 97 / 284 / 355 | 140 / 745 / 834 | 69 / 330 / 347 |
-| F16 | 64 / 394 / 438 | 50 / 306 / 313 | 47 / 335 / 377 |
+| Q4_1 (the bundled file) | 96 / 170 / 177 | 97-176 / 363-596 / 649-924 | 76 / 191 / 209 |
+| Q8_0 | 97 / 284 / 355 | 106-124 / 725-898 / 867-1098 | 69 / 330 / 347 |
+| F16 | 64 / 394 / 438 | 32-48 / 230-269 / 221-286 | 47 / 335 / 377 |
+
+(The Xeon's middle column: three runs of the build without AVX512-FP16, see
+`scripts/llama-cpp-wheel.sh`, with the spread the machine drifts by; its last column and the AMD
+one are from earlier builds.) Interleaved in one process on the Xeon (medians of nine rounds,
+F16 KV cache), the Q8_0 copy against the Q4_1 file: 200-token prompts of 8 sequences 1224 vs 966
+tokens/s; 32-sequence decode steps at 64 / 160 / 300 tokens of context 689 / 534 / 358 vs
+615 / 446 / 320 tokens/s.
 
 Where the CPU has AMX int8 tiles, llama.cpp repacks the quantized types its AMX kernels take
-(`AMX_FTYPES`) and multiplies them there: the file as given is fastest. Elsewhere the bundled
-Q4_1 file is best run as F16: its 4-bit values and their scales convert to F16 almost exactly
-(the model is the same; only llama.cpp's kernels change).
+(`AMX_FTYPES`) and multiplies them there; of those, a Q4_1 file (`AMX_TO_Q8_0`) runs faster as
+a Q8_0 copy, other types as given. Elsewhere a quantized file is best run as F16: 4-bit values
+and their scales convert to F16 almost exactly. The model
+is the same either way; only llama.cpp's kernels and their rounding change (next-token KL against
+the exact F16 copy over 480 tokens on the AMX Xeon: 3.7e-3 for the file on AMX kernels, 5.4e-3
+for the Q8_0 copy).
 
-The engine option `weights` picks: `auto` (default: the file as given on an AMX CPU when its type
-has AMX kernels; else an F16 copy for a quantized model whose copy stays under
-`AUTO_F16_MAX_BYTES`; else the file), `file` (the file as given), `f16` or `q8_0`. Copies are
+The engine option `weights` picks: `auto` (default: the choice above, for a copy of at most
+`AUTO_COPY_MAX_BYTES`; else the file), `file` (the file as given), `f16` or `q8_0`. Copies are
 written once to `~/.cache/magpie/models/` (atomically) and reused. The choice depends only on
 the CPU's flags and the file (not on a timing, nor on the runtime the probe chose), so a dataset
 resumes on the same CPU kind with the same weights, even after a crash moved it to a slower
@@ -36,8 +45,8 @@ from magpie.cpu import has_amx_int8
 from magpie.errors import MagpieError
 
 WEIGHTS = ("auto", "file", "f16", "q8_0")
-AUTO_F16_MAX_BYTES = 1 << 30
-"""`auto` converts only models whose F16 copy is at most this big (about 500M parameters)."""
+AUTO_COPY_MAX_BYTES = 1 << 30
+"""`auto` converts only models whose copy is at most this big (F16: about 500M parameters)."""
 
 # llama.cpp file types (enum llama_ftype) and about how many bits a weight takes in each
 _FTYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1"}
@@ -50,6 +59,9 @@ _UNQUANTIZED = {0, 1, 32}
 AMX_FTYPES = {2, 3, 7, 14, 15, 16, 17, 18, 30}
 """File types whose tensors llama.cpp's AMX kernels multiply (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
 Q6_K, IQ4_XS)."""
+AMX_TO_Q8_0 = {3}
+"""Of `AMX_FTYPES`, the types measured to run faster on AMX as a Q8_0 copy (Q4_1, the bundled
+model's; the others, unmeasured, run as given)."""
 
 
 @dataclass(frozen=True)
@@ -101,14 +113,20 @@ def resolve_weights(path: Path, requested: str | None = None) -> Weights:
     if name == "auto":
         if ftype is None or ftype in _UNQUANTIZED or ftype not in _BITS:
             return Weights(path, "file", type_name, f"auto: {type_name} runs as given")
-        if ftype in AMX_FTYPES and has_amx_int8():
+        amx = ftype in AMX_FTYPES and has_amx_int8()
+        if amx and ftype not in AMX_TO_Q8_0:
             why = f"auto: {type_name} runs as given on this CPU's AMX kernels (faster than F16)"
             return Weights(path, "file", type_name, why)
-        f16_bytes = path.stat().st_size * 16 / _BITS[ftype]
-        if f16_bytes > AUTO_F16_MAX_BYTES:
-            return Weights(path, "file", type_name, "auto: an F16 copy would be too big")
-        name = "f16"
-        reason = f"auto: {type_name} has slow batched kernels on this CPU; F16 is faster"
+        name = "q8_0" if amx else "f16"
+        copy_bytes = path.stat().st_size * (8.5 if amx else 16) / _BITS[ftype]
+        if copy_bytes > AUTO_COPY_MAX_BYTES:
+            why = f"auto: a {name.upper()} copy would be too big"
+            return Weights(path, "file", type_name, why)
+        reason = (
+            f"auto: {type_name} runs faster as Q8_0 on this CPU's AMX kernels"
+            if amx
+            else f"auto: {type_name} has slow batched kernels on this CPU; F16 is faster"
+        )
     else:
         reason = f"engine option weights={name}"
     return Weights(converted(path, name), name, type_name, reason)
