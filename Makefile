@@ -66,7 +66,7 @@ test: $(VENV)/.dev browser
 	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 ## test-slow: the slow tier in .venv (README walk, recipe miniatures, signals, Ray into S3, the
-## 100K-row viewer); the vLLM tests of this tier run in `make test-vllm`
+## 100K-row viewer, bench scripts); the vLLM tests of this tier run in `make test-vllm`
 test-slow: $(VENV)/.dev browser
 	$(PY) -m pytest -q -m slow --ignore=tests/test_vllm_engine.py --ignore=tests/test_vllm_serve.py \
 	  --ignore=tests/test_vllm_ray.py $(ARGS)
