@@ -1,7 +1,7 @@
 """Instruction synthesis throughput: the pipeline vs. raw llama.cpp, single-stream and batched.
 
 Three runs on the same bundled model, pre-query prompt, sampling and seeds (the pipeline and the
-raw batched driver on the weights the engine runs, F16 by default; single-stream on the shipped
+raw batched driver on the weights the engine runs, F16 or on AMX Q8_0; single-stream on the shipped
 Q4_1 file, the faster type one sequence at a time):
 - pipeline: `magpie instructions` (batched engine + checks + Parquet shards + manifest);
 - raw batched: llama.cpp's batch API driven directly (this file's own driver: the prefix

@@ -1,5 +1,5 @@
 """llama.cpp decode speed per weight type on this CPU: why `weights=auto` runs the bundled model
-as given on a CPU with AMX and as F16 elsewhere.
+as a Q8_0 copy on a CPU with AMX and as F16 elsewhere.
 
 For each type (the file as shipped, and copies made by `magpie.engines.llamacpp_weights`), a
 subprocess loads the model and times decode steps of 1, 32 and 64 sequences (one token each per

@@ -40,10 +40,10 @@ TopLogprobs = Mapping[str, float]
 
 JUDGE_SPEC = "judge"
 JUDGE_KV_TYPE = "f16"
-"""The llama.cpp judge's KV cache type unless its engine options name one. A judge only reads
-prompts, and llama.cpp's tiled flash attention (a prompt's chunks of 64+ tokens) runs only over an
-F16 cache: on the AMX Xeon, where generation picks Q8_0, the CPU demo's 100 judgements took 34.2 s
-with F16 instead of 43.0 s. (Elsewhere F16 is the engine's choice anyway.)"""
+"""The llama.cpp judge's KV cache type unless its engine options name one (the engine's own
+default is F16 too, but a judge keeps it even if that changes). A judge only reads prompts, and
+llama.cpp's tiled flash attention (a prompt's chunks of 64+ tokens) runs only over an F16 cache:
+on the AMX Xeon the CPU demo's 100 judgements took 34.2 s with F16 instead of 43.0 s with Q8_0."""
 
 
 class JudgeError(RewardModelError, MagpieError):
