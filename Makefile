@@ -15,11 +15,11 @@ $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# llama-cpp-python built natively for this CPU with our AMX fix, cached per CPU (see the script).
+# llama-cpp-python built natively for this CPU with our patches, cached per CPU (see the script).
 # A venv moved to a machine with another CPU gets a wheel built for that CPU.
 CPU_KEY := $(shell (grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-12)
 LLAMA_STAMP := $(VENV)/.llama-$(CPU_KEY)
-$(LLAMA_STAMP): $(VENV)/bin/activate scripts/llama-cpp-wheel.sh scripts/patch_llama_cpp.py
+$(LLAMA_STAMP): $(VENV)/bin/activate scripts/llama-cpp-wheel.sh scripts/patch_llama_cpp.py scripts/fa_rows.cpp
 	bash scripts/llama-cpp-wheel.sh $(PY)
 	touch $@
 

@@ -132,6 +132,9 @@ def test_overwrite_replaces(tmp_path: Path) -> None:
     )
 
 
+BRIEF = "You are a helpful assistant. Keep every answer to two or three sentences."
+
+
 def test_multi_turn_conversations(tmp_path: Path) -> None:
     out = tmp_path / "mt"
     result = run_cli(
@@ -143,14 +146,13 @@ def test_multi_turn_conversations(tmp_path: Path) -> None:
         "--out",
         str(out),
         "--system-prompt",
-        "math",
+        BRIEF,  # the math preset's step-by-step replies ran past 160 tokens in most attempts
         "--max-tokens",
-        "96",
+        "128",
         "--shard-size",
         "8",  # a block of 8 attempts: two turns each are the cost of this test
         "--temperature",
-        "0.7",  # at 1.0 the Q4_1 weights (AMX CPUs) wrote 0 rows in 24 attempts: math replies
-        # ran past 160 tokens and queries past 96
+        "0.7",
         "--response-temperature",
         "0.7",
         "--response-max-tokens",
@@ -163,7 +165,7 @@ def test_multi_turn_conversations(tmp_path: Path) -> None:
         assert [m["from"] for m in turns] == ["human", "gpt", "human", "gpt"]
         assert turns[0]["value"] == row["instruction"]
         assert all(m["value"].strip() for m in turns)
-        assert "specialises in mathematics" in row["gen_input_configs"]["pre_query_template"]
+        assert BRIEF in row["gen_input_configs"]["pre_query_template"]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,9 @@ an F16 copy (both cached)."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from magpie.engines import llamacpp_weights
@@ -31,6 +34,28 @@ def test_auto_runs_the_bundled_model_as_a_cached_f16_copy_without_amx(cache, mon
     assert again.path == chosen.path and again.path.stat().st_mtime_ns == made  # reused
     assert resolve_weights(chosen.path).kind == "file"  # an F16 file runs as given
     assert not list((cache / "models").glob(".*tmp*"))
+
+
+def test_a_new_copy_removes_stale_copies_of_the_same_file_and_type(cache, monkeypatch) -> None:
+    """A reinstalled package gives the model file a new mtime, so a new key: the copies made under
+    older keys go once they are a day old; other types, fresh copies and other files stay."""
+    monkeypatch.setattr(llamacpp_weights, "has_amx_int8", lambda: False)
+    source = bundled_model_path()
+    models = cache / "models"
+    models.mkdir(parents=True)
+    stale = models / f"{source.stem}.0123456789abcdef.f16.gguf"
+    fresh = models / f"{source.stem}.fedcba9876543210.f16.gguf"
+    other_type = models / f"{source.stem}.0123456789abcdef.q8_0.gguf"
+    other_file = models / "notes.f16.gguf"
+    two_days_ago = time.time() - 2 * 86400
+    for planted in (stale, fresh, other_type, other_file):
+        planted.write_bytes(b"GGUF")
+        if planted is not fresh:
+            os.utime(planted, (two_days_ago, two_days_ago))
+    chosen = resolve_weights(source)
+    assert chosen.kind == "f16" and chosen.path.is_file()
+    assert not stale.exists()
+    assert fresh.exists() and other_type.exists() and other_file.exists()
 
 
 def test_auto_runs_the_bundled_model_as_a_cached_q8_0_copy_on_amx(cache, monkeypatch) -> None:

@@ -1,5 +1,5 @@
 """Shards pooled into one engine call (llama.cpp's exact requests do not depend on the batch): the
-same shards, byte for byte, as one call per shard; judges and classifiers are never pooled."""
+same shards, byte for byte, as one call per shard; classifiers and inexact judges are not pooled."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_pools_are_runs_of_consecutive_pending_shards() -> None:
 def test_pooled_responses_equal_one_call_per_shard(tmp_path: Path) -> None:
     """7 instructions in shards of 2: responses made 4 shards per call (the last pool short) and
     one shard per call give identical shard files and bookkeeping, and so do the judge's scores
-    of them (never pooled)."""
+    of them (pooled too where the judge decodes exactly: llama.cpp with our attention kernel)."""
     engine = {"name": "llamacpp", "options": {"n_ctx": 1024}}
     instructions = InstructionsConfig.model_validate(
         {"engine": engine, "num": 7, "max_tokens": 40, "shard_size": 16}
@@ -77,7 +77,7 @@ def test_pooled_responses_equal_one_call_per_shard(tmp_path: Path) -> None:
     assert all(info["tokens"] > 0 for _, info in res_shards)
 
 
-def test_judges_and_classifiers_are_not_pooled(tmp_path: Path) -> None:
+def test_inexact_judges_and_classifiers_are_not_pooled(tmp_path: Path) -> None:
     from magpie.engines.fake import FakeEngine
     from magpie.rewards.judge import JudgeRewardModel
     from magpie.templates import chat_format_for
@@ -93,6 +93,10 @@ def test_judges_and_classifiers_are_not_pooled(tmp_path: Path) -> None:
     judge = JudgeRewardModel(engine, fmt, engine.info.model_id)
     assert not RewardStage(judge).poolable and not RewardStage(Classifier()).poolable
     assert RewardStage(Invariant()).poolable
+    # a judge that decodes exactly on a batch-invariant engine is pooled
+    assert RewardStage(JudgeRewardModel(engine, fmt, engine.info.model_id, exact=True)).poolable
+    engine.exact_prompts_cheap = True  # what llama.cpp with our attention kernel says
+    assert RewardStage(JudgeRewardModel(engine, fmt, engine.info.model_id)).poolable
 
 
 def test_instruction_blocks_started_ahead_give_the_same_shards(tmp_path: Path, monkeypatch) -> None:

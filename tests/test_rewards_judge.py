@@ -188,7 +188,7 @@ def test_score_is_the_expected_rating_of_the_returned_logprobs(judge: JudgeRewar
     assert prompt is not None and prompt.endswith(
         "Answer: Grass is green.<|im_end|>\n<|im_start|>assistant\nRating: "
     )
-    two = Sampling(temperature=0.0, max_tokens=2, logprobs=judge.top_k, exact=False)
+    two = Sampling(temperature=0.0, max_tokens=2, logprobs=judge.top_k, exact=judge.exact)
     (first,) = judge.engine.generate([Request(prompt, two)])[0]
     if first.text.startswith("1"):
         after_one = first.top_logprobs[1]

@@ -37,6 +37,7 @@ from magpie.engines.llamacpp_batch import (
 from magpie.engines.llamacpp_runtime import (
     RUNTIMES,
     LlamaRuntime,
+    blockwise_attention,
     default_threads,
     fixed_threads,
     select_runtime,
@@ -141,6 +142,9 @@ class LlamaCppEngine:
             select_runtime(path, runtime) if not vocab_only else RUNTIMES["native"]
         )
         self._n_ctx = int(n_ctx)
+        self.exact_prompts_cheap = blockwise_attention()
+        """Exact requests cost about what inexact ones do, long prompts included (see
+        `blockwise_attention`): a judge then decodes exactly, and its shards may be pooled."""
         threads = int(n_threads or default_threads())
         quiet = (
             contextlib.redirect_stderr(io.StringIO()) if vocab_only else contextlib.nullcontext()

@@ -77,7 +77,8 @@ MIN_GROUP_PREFIX = 16
 STREAM_CHUNK = 63
 """Most tokens of one exact sequence per decode: llama.cpp's CPU flash attention computes 64 or
 more query tokens of a stream with a tiled kernel, faster for long prompts, whose results differ
-slightly. (A CPU judge's long prompts ran about 25% slower without it: the judge is inexact.)"""
+slightly. (With llama.cpp's own row kernel a CPU judge's long prompts ran 25-45% slower fed
+this way, so a judge is inexact there; with ours, `scripts/fa_rows.cpp`, as fast.)"""
 MIN_STREAM_CELLS = 256
 """Smallest KV stream; streams grow in powers of two, so calls of similar length share a context."""
 

@@ -35,8 +35,11 @@ runtime.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +135,29 @@ def resolve_weights(path: Path, requested: str | None = None) -> Weights:
     return Weights(converted(path, name), name, type_name, reason)
 
 
+STALE_COPY_SECONDS = 24 * 3600
+"""Older copies of the same file in the same type are removed when a new copy is made: a
+reinstall of the model's package gives the file a new mtime, so a new key (a fresh venv a day
+would otherwise add a copy a day)."""
+
+
+def prune_stale_copies(target: Path, stem: str, kind: str, now: float | None = None) -> list[Path]:
+    """Remove the copies beside `target` of a source named `stem` in type `kind` under another
+    key, last written more than STALE_COPY_SECONDS ago; return them. (A process still using one
+    keeps its mapping.)"""
+    pattern = re.compile(rf"{re.escape(stem)}\.[0-9a-f]{{16}}\.{re.escape(kind)}\.gguf")
+    limit = (time.time() if now is None else now) - STALE_COPY_SECONDS
+    removed = []
+    for other in target.parent.iterdir():
+        if other == target or not pattern.fullmatch(other.name):
+            continue
+        with contextlib.suppress(OSError):
+            if other.stat().st_mtime < limit:
+                other.unlink()
+                removed.append(other)
+    return removed
+
+
 def converted(path: Path, kind: str) -> Path:
     """The cached copy of `path` in type `kind` (`f16` or `q8_0`), made now if missing."""
     import llama_cpp
@@ -162,4 +188,5 @@ def converted(path: Path, kind: str) -> Path:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+    prune_stale_copies(target, path.stem, kind)
     return target

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from magpie.engines.base import Completion, Engine, Request, Sampling
+from magpie.engines.base import Completion, Engine, Request, Sampling, batch_invariant
 from magpie.errors import MagpieError
 from magpie.prompts import JUDGE_CUT_MARK, JUDGE_LEAD_IN, judge_prompt
 from magpie.rewards.classifier import RewardModelError
@@ -167,6 +167,11 @@ class JudgeRewardModel:
         max_prompt_tokens: cut responses so the judge prompt fits in this many tokens (the
             context window minus the rating tokens); None does not check.
         owns_engine: `close()` closes the engine too.
+        exact: decode exactly (a score then depends only on its conversation, and shards may
+            be pooled); None: where the engine says exact requests cost no more
+            (`exact_prompts_cheap`: llama.cpp with our attention kernel). Otherwise llama.cpp
+            evaluates the long prompts with its tiled attention, ~25% faster there, and a score
+            depends on the conversations scored with it.
     """
 
     short_name = JUDGE_SPEC
@@ -184,6 +189,7 @@ class JudgeRewardModel:
         split_min_share: float = 0.01,
         max_prompt_tokens: int | None = None,
         owns_engine: bool = False,
+        exact: bool | None = None,
     ) -> None:
         low, high = (int(scale[0]), int(scale[1]))
         if not 0 <= low < high <= 10:
@@ -205,10 +211,17 @@ class JudgeRewardModel:
         self.split_min_share = split_min_share
         self.max_prompt_tokens = max_prompt_tokens
         self.owns_engine = owns_engine
+        self.exact = bool(getattr(engine, "exact_prompts_cheap", False) if exact is None else exact)
         self.unscored = 0
         """Conversations given NaN so far: no rating token in the top-K, or a prompt too long."""
         self.truncated = 0
         """Responses cut so far to fit `max_prompt_tokens`."""
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a score is the same whatever it is scored with (exact decoding on an engine
+        whose exact requests do not depend on their batch): shards may then be pooled."""
+        return self.exact and batch_invariant(self.engine)
 
     @property
     def splits_ten(self) -> bool:
@@ -323,10 +336,8 @@ class JudgeRewardModel:
         return [math.nan if p is None else next(values) for p in prompts]
 
     def _complete(self, prompts: Sequence[str], max_tokens: int) -> list[Completion]:
-        # long prompts: exact batching would forgo llama.cpp's tiled attention (about 25% of a
-        # CPU judge's time); a score then depends on its shard, so judge shards are not pooled
         sampling = Sampling(
-            temperature=0.0, max_tokens=max_tokens, logprobs=self.top_k, exact=False
+            temperature=0.0, max_tokens=max_tokens, logprobs=self.top_k, exact=self.exact
         )
         results = self.engine.generate([Request(p, sampling) for p in prompts])
         completions = [r[0] for r in results]

@@ -86,8 +86,8 @@ class RewardStage:
     @property
     def poolable(self) -> bool:
         """Whether several shards may be scored in one call: only by a scorer that says its
-        scores do not depend on the batch (a classifier's padded batches and the judge's
-        inexact long prompts do)."""
+        scores do not depend on the batch (a classifier's padded batches do, and so does a
+        judge that decodes inexactly)."""
         return batch_invariant(self.scorer)
 
     def account(self, rows: pa.Table) -> TransformOutput:
