@@ -10,8 +10,8 @@ distilabel is not a dependency of ours: install it beside ours in its own venv (
 llama-cpp-python wheel `make` built, so both sides run the same llama.cpp build), e.g.
 
     python -m venv /work/venv-distilabel
-    /work/venv-distilabel/bin/pip install ~/.cache/magpie/wheels/*/llama_cpp_python-*.whl \
-        "distilabel==1.5.3" requests -e .
+    bash scripts/llama-cpp-wheel.sh /work/venv-distilabel/bin/python
+    /work/venv-distilabel/bin/pip install "distilabel==1.5.3" requests -e .
     .venv/bin/python bench/vs_distilabel.py --write-tokenizer /tmp/smollm2-tokenizer
     /work/venv-distilabel/bin/python bench/vs_distilabel.py --num 64 \
         --tokenizer /tmp/smollm2-tokenizer
