@@ -141,21 +141,18 @@ reinstall of the model's package gives the file a new mtime, so a new key (a fre
 would otherwise add a copy a day)."""
 
 
-def prune_stale_copies(target: Path, stem: str, kind: str, now: float | None = None) -> list[Path]:
+def prune_stale_copies(target: Path, stem: str, kind: str) -> None:
     """Remove the copies beside `target` of a source named `stem` in type `kind` under another
-    key, last written more than STALE_COPY_SECONDS ago; return them. (A process still using one
-    keeps its mapping.)"""
+    key, last written more than STALE_COPY_SECONDS ago. (A process still using one keeps its
+    mapping.)"""
     pattern = re.compile(rf"{re.escape(stem)}\.[0-9a-f]{{16}}\.{re.escape(kind)}\.gguf")
-    limit = (time.time() if now is None else now) - STALE_COPY_SECONDS
-    removed = []
+    limit = time.time() - STALE_COPY_SECONDS
     for other in target.parent.iterdir():
         if other == target or not pattern.fullmatch(other.name):
             continue
         with contextlib.suppress(OSError):
             if other.stat().st_mtime < limit:
                 other.unlink()
-                removed.append(other)
-    return removed
 
 
 def converted(path: Path, kind: str) -> Path:
