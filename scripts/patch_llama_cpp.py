@@ -8,8 +8,10 @@
    asm statement that takes the configuration's address and clobbers memory keeps the stores.
 2. Flash attention over an F16 KV cache, row by row (every decode step, and prompts of under 64
    tokens per sequence): `scripts/fa_rows.cpp` computes a row a block of cells at a time, with a
-   vectorized exp and an F32 accumulator, on x86 CPUs with AVX2 or AVX-512. At the CPU demo's
-   contexts this kernel took about half of the decode time.
+   vectorized exp and an F32 accumulator, on x86 CPUs with AVX2 or AVX-512. The query heads that
+   share a KV head are computed together (each key and value row read once for all of them, with
+   the rows fetched ahead), and the rows after the first are taken from that group's results. At
+   the CPU demo's contexts llama.cpp's kernel took about half of the decode time.
 
 Each patch is applied only where the code it expects is found; otherwise the build goes on
 without it and says so. The package's version gets a local label naming the patches applied
@@ -33,11 +35,20 @@ FA_TARGET = CPU / "ops.cpp"
 FA_SOURCE = HERE / "fa_rows.cpp"
 FA_KERNEL = "static void ggml_compute_forward_flash_attn_ext_f16_one_chunk(\n"
 FA_LOOP_START = "        q_to_vec_dot(pq, Q_q, DK);\n"
+FA_ROW_LOOP = "    for (int ir = ir0; ir < ir1; ++ir) {\n"
+FA_GROUPS = """\
+#ifdef MAGPIE_FA_LANES
+    magpie_fa_groups magpie_groups;  // rows computed with an earlier row of their KV head
+#endif
+"""
 FA_BLOCK_ROWS = """\
 #ifdef MAGPIE_FA_LANES
         if (k->type == GGML_TYPE_F16 && v->type == GGML_TYPE_F16 && logit_softcap == 0.0f &&
             DK % MAGPIE_FA_LANES == 0 && DV % MAGPIE_FA_LANES == 0) {
-            magpie_fa_row_f16(pq, (const char *) k->data + ik2*nbk2 + ik3*nbk3, nbk1,
+            const bool groupable = rk2 > 1 && rk2 == rv2 && max_bias == 0.0f &&
+                                   (!mask || mask->ne[2] == 1);
+            magpie_fa_row_f16(magpie_groups, ir, ir1, neq1, iq1, iq2, rk2, groupable, pq, nbq2,
+                              (const char *) k->data + ik2*nbk2 + ik3*nbk3, nbk1,
                               (const char *) v->data + iv2*nbv2 + iv3*nbv3, nbv1, mp, slope, scale,
                               ic_start, ic_end, DK, DV, VKQ32, &M, &S);
         } else
@@ -49,7 +60,7 @@ FA_LOOP_END = """\
             }
         }
 """
-FA_MARK = "magpie_fa_row_f16(pq"
+FA_MARK = "magpie_fa_row_f16(magpie_groups"
 
 VERSION_FILE = Path("llama_cpp/__init__.py")
 
@@ -70,15 +81,23 @@ def patch_flash_attention(tree: Path) -> str:
     text = path.read_text()
     if FA_MARK in text:
         return "already patched"
-    if any(text.count(anchor) != 1 for anchor in (FA_KERNEL, FA_LOOP_START, FA_LOOP_END)):
-        return "not patched: the row-by-row kernel changed (llama.cpp's own kernel is used)"
-    start, end = text.index(FA_LOOP_START), text.index(FA_LOOP_END) + len(FA_LOOP_END)
-    if not text.index(FA_KERNEL) < start < end:
+    anchors = (FA_KERNEL, FA_LOOP_START, FA_LOOP_END)
+    kernel = text.find(FA_KERNEL)
+    loop = text.find(FA_ROW_LOOP, kernel)
+    start, end = text.find(FA_LOOP_START), text.find(FA_LOOP_END) + len(FA_LOOP_END)
+    if any(text.count(anchor) != 1 for anchor in anchors) or not 0 <= kernel < loop < start < end:
         return "not patched: the row-by-row kernel changed (llama.cpp's own kernel is used)"
     body = FA_BLOCK_ROWS + text[start:end] + "        }\n"
-    text = text[:start] + body + text[end:]
-    kernel = text.index(FA_KERNEL)
-    text = text[:kernel] + FA_SOURCE.read_text() + "\n" + text[kernel:]
+    text = (
+        text[:kernel]
+        + FA_SOURCE.read_text()
+        + "\n"
+        + text[kernel:loop]
+        + FA_GROUPS
+        + text[loop:start]
+        + body
+        + text[end:]
+    )
     path.write_text(text)
     return "patched"
 

@@ -1,5 +1,6 @@
 """Our flash-attention row kernel (scripts/fa_rows.cpp), compiled for AVX2 and AVX-512 and checked
-against attention computed in double precision; and the installed llama.cpp carries it."""
+against attention computed in double precision; its rows are the same bit for bit whether computed
+alone or with the other query heads of their KV head; and the installed llama.cpp carries it."""
 
 from __future__ import annotations
 
@@ -38,69 +39,97 @@ static ggml_float ggml_vec_soft_max_f32(int n, float * y, const float * x, float
 
 int main() {
     std::printf("lanes %d\n", MAGPIE_FA_LANES);
-    const int DK = 64, DV = 64, heads = 3;  // SmolLM2: 3 KV heads of 64 values, cells interleaved
+    const int DK = 64, DV = 64, kv_heads = 2;  // SmolLM2-like heads, cells interleaved
     std::mt19937 gen(7);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     double worst = 0.0;
+    int differing = 0, rows_checked = 0;
+    for (int rk2 : {1, 3, 6}) {  // query heads per KV head (6: groups of 4 and 2)
+    for (int neq1 : {1, 3}) {   // query positions per sequence
     for (int cells : {1, 5, 63, 64, 65, 200, 449}) {
-        for (int masked : {0, 1, 2}) {  // none; a causal-like tail; every other cell
-            for (int start : {0, 3}) {
-                if (start >= cells) continue;
-                std::vector<ggml_fp16_t> k(cells * heads * DK), v(cells * heads * DV), mask(cells);
-                for (auto & x : k) x = to_f16(2.0f * normal(gen));
-                for (auto & x : v) x = to_f16(normal(gen));
-                std::vector<float> q(DK);
-                for (auto & x : q) x = normal(gen);
-                for (int c = 0; c < cells; ++c) {
-                    bool off = (masked == 1 && c > cells / 2) || (masked == 2 && c % 2 == 1);
-                    mask[c] = to_f16(off ? -INFINITY : 0.0f);
-                }
-                const int head = 1;
-                const size_t row = heads * DK * sizeof(ggml_fp16_t);
-                std::vector<float> out(DV);
-                float M, S;
-                magpie_fa_row_f16(q.data(), (const char *) (k.data() + head * DK), row,
-                                  (const char *) (v.data() + head * DV), row, mask.data(), 1.0f,
-                                  0.125f, start, cells, DK, DV, out.data(), &M, &S);
-                // reference: softmax over the unmasked cells in [start, cells), in double
-                std::vector<double> s;
-                std::vector<int> kept;
-                double top = -INFINITY;
-                for (int c = start; c < cells; ++c) {
-                    if (std::isinf(GGML_CPU_FP16_TO_FP32(mask[c]))) continue;
-                    double d = 0;
-                    for (int i = 0; i < DK; ++i)
-                        d += q[i] * GGML_CPU_FP16_TO_FP32(k[(c * heads + head) * DK + i]);
-                    s.push_back(d * 0.125);
-                    kept.push_back(c);
-                    top = std::max(top, d * 0.125);
-                }
-                if (kept.empty()) {
-                    if (S != 0.0f || M != -INFINITY) {
-                        std::printf("masked row: S %g M %g\n", S, M);
-                        return 1;
-                    }
-                    continue;
-                }
-                double total = 0;
-                for (double x : s) total += std::exp(x - top);
-                if (std::fabs(M - top) > 1e-4 * std::max(1.0, std::fabs(top))) {
-                    std::printf("max %g vs %g\n", M, top); return 1;
-                }
-                for (int i = 0; i < DV; ++i) {
-                    double ref = 0;
-                    for (size_t j = 0; j < kept.size(); ++j) {
-                        const size_t at = (kept[j] * heads + head) * DV + i;
-                        const float value = GGML_CPU_FP16_TO_FP32(v[at]);
-                        ref += std::exp(s[j] - top) / total * value;
-                    }
-                    worst = std::max(worst, std::fabs(out[i] / S - ref));
-                }
+    for (int masked : {0, 1, 2}) {  // none; a causal-like tail; every other cell
+    for (int start : {0, 3}) {
+        if (start >= cells) continue;
+        const int heads = kv_heads * rk2, nr = neq1 * heads;
+        const size_t row = kv_heads * DK * sizeof(ggml_fp16_t);
+        std::vector<ggml_fp16_t> k(cells * kv_heads * DK), v(cells * kv_heads * DV);
+        std::vector<ggml_fp16_t> mask(neq1 * cells);
+        for (auto & x : k) x = to_f16(2.0f * normal(gen));
+        for (auto & x : v) x = to_f16(normal(gen));
+        std::vector<float> q(nr * DK);  // row (iq1, head) at (head*neq1 + iq1)*DK
+        for (auto & x : q) x = normal(gen);
+        for (int i = 0; i < neq1; ++i) {
+            for (int c = 0; c < cells; ++c) {
+                bool off = (masked == 1 && c > cells / 2 + i) || (masked == 2 && (c + i) % 2 == 1);
+                mask[i * cells + c] = to_f16(off ? -INFINITY : 0.0f);
             }
         }
-    }
-    std::printf("worst %.3g\n", worst);
-    return worst < 1e-5 ? 0 : 1;
+        // every row alone (chunks of one row), then in llama.cpp-like chunks where the heads
+        // of a KV head are computed together: the rows must be the same, bit for bit
+        std::vector<float> alone, result(nr * (DV + 2));
+        for (int chunk : {1, 5, nr}) {
+            for (int ir0 = 0; ir0 < nr; ir0 += chunk) {
+                const int ir1 = std::min(ir0 + chunk, nr);
+                magpie_fa_groups groups;
+                for (int ir = ir0; ir < ir1; ++ir) {
+                    const int iq2 = ir / neq1, iq1 = ir % neq1, kv = iq2 / rk2;
+                    float * out = result.data() + ir * (DV + 2);
+                    magpie_fa_row_f16(groups, ir, ir1, neq1, iq1, iq2, rk2, rk2 > 1,
+                                      q.data() + ir * DK, neq1 * DK * sizeof(float),
+                                      (const char *) (k.data() + kv * DK), row,
+                                      (const char *) (v.data() + kv * DV), row,
+                                      mask.data() + iq1 * cells, 1.0f, 0.125f, start, cells, DK, DV,
+                                      out + 2, out, out + 1);
+                }
+            }
+            if (chunk == 1) {
+                alone = result;
+            } else if (std::memcmp(alone.data(), result.data(), result.size() * sizeof(float))) {
+                ++differing;
+            }
+        }
+        for (int ir = 0; ir < nr; ++ir) {  // reference: softmax over the unmasked cells, in double
+            const int iq2 = ir / neq1, iq1 = ir % neq1, kv = iq2 / rk2;
+            const float * out = alone.data() + ir * (DV + 2);
+            const float M = out[0], S = out[1];
+            std::vector<double> s;
+            std::vector<int> kept;
+            double top = -INFINITY;
+            for (int c = start; c < cells; ++c) {
+                if (std::isinf(GGML_CPU_FP16_TO_FP32(mask[iq1 * cells + c]))) continue;
+                double d = 0;
+                for (int i = 0; i < DK; ++i)
+                    d += q[ir * DK + i] * GGML_CPU_FP16_TO_FP32(k[(c * kv_heads + kv) * DK + i]);
+                s.push_back(d * 0.125);
+                kept.push_back(c);
+                top = std::max(top, d * 0.125);
+            }
+            ++rows_checked;
+            if (kept.empty()) {
+                if (S != 0.0f || M != -INFINITY) {
+                    std::printf("masked row: S %g M %g\n", S, M);
+                    return 1;
+                }
+                continue;
+            }
+            double total = 0;
+            for (double x : s) total += std::exp(x - top);
+            if (std::fabs(M - top) > 1e-4 * std::max(1.0, std::fabs(top))) {
+                std::printf("max %g vs %g\n", M, top);
+                return 1;
+            }
+            for (int i = 0; i < DV; ++i) {
+                double ref = 0;
+                for (size_t j = 0; j < kept.size(); ++j) {
+                    const size_t at = (kept[j] * kv_heads + kv) * DV + i;
+                    ref += std::exp(s[j] - top) / total * GGML_CPU_FP16_TO_FP32(v[at]);
+                }
+                worst = std::max(worst, std::fabs(out[2 + i] / S - ref));
+            }
+        }
+    }}}}}
+    std::printf("rows %d worst %.3g differing %d\n", rows_checked, worst, differing);
+    return worst < 1e-5 && differing == 0 ? 0 : 1;
 }
 """
 
@@ -117,7 +146,9 @@ def cpu_flags() -> set[str]:
 
 
 @pytest.mark.parametrize("lanes", sorted(VARIANTS))
-def test_fa_rows_kernel_matches_double_precision_attention(tmp_path: Path, lanes: int) -> None:
+def test_fa_rows_kernel_matches_double_precision_and_grouping_changes_no_bit(
+    tmp_path: Path, lanes: int
+) -> None:
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("needs an x86 C++ compiler")
