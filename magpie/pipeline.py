@@ -277,6 +277,40 @@ def _execute(
             executor.close()
 
 
+def _transform(
+    name: str,
+    config: Any,
+    source: Path,
+    read: tuple[pa.Table, str],
+    out: Path,
+    view: ProgressView,
+    overwrite: bool,
+    executor: Executor | None,
+    engine: Engine | None = None,
+    recorded: dict[str, Any] | None = None,
+    stage_config: BaseModel | None = None,
+) -> RunSummary:
+    """Run stage `name` over the rows of `source` (`read`: its table and upstream digest) into
+    `out`. The output records `config`, the input's path, the stage's identity and `recorded`;
+    the stage runs with `stage_config` (default: `config`)."""
+    table, upstream = read
+
+    def open_store(identity: dict[str, Any]) -> ShardStore:
+        extra = {**identity, "input": str(source), **(recorded or {})}
+        return _open_store(out, name, config, extra, upstream, overwrite)
+
+    return _execute(
+        name,
+        stage_config or config,
+        table,
+        config.shard_size,
+        open_store,
+        view.stage(name, table.num_rows),
+        executor,
+        engine=engine,
+    )
+
+
 @locking.releasing
 def instructions(
     config: InstructionsConfig,
@@ -379,22 +413,10 @@ def responses(
     executor: Executor | None = None,
 ) -> RunSummary:
     """n responses per instruction of `source` into `out`."""
-    table, upstream = load_input(source)
+    read = load_input(source)
     ShardStore(out).check_writable()
-
-    def open_store(identity: dict[str, Any]) -> ShardStore:
-        extra = {**identity, "input": str(source)}
-        return _open_store(out, "responses", config, extra, upstream, overwrite)
-
-    return _execute(
-        "responses",
-        config,
-        table,
-        config.shard_size,
-        open_store,
-        view.stage("responses", table.num_rows),
-        executor,
-        engine=engine,
+    return _transform(
+        "responses", config, source, read, out, view, overwrite, executor, engine=engine
     )
 
 
@@ -409,29 +431,14 @@ def extend(
     executor: Executor | None = None,
 ) -> RunSummary:
     """Follow-up turns for the rows of `source` (an `ExtendConfig`), into `out`."""
-
-    table, upstream = load_input(source)
-    if not {"response", "conversations"} & set(table.column_names):
+    read = load_input(source)
+    if not {"response", "conversations"} & set(read[0].column_names):
         raise MagpieError(
             f"input {source} has no 'response' or 'conversations' column to extend: run "
             "`magpie responses --n 1` first, or give rows with instruction and response"
         )
     ShardStore(out).check_writable()
-
-    def open_store(identity: dict[str, Any]) -> ShardStore:
-        extra = {**identity, "input": str(source)}
-        return _open_store(out, "extend", config, extra, upstream, overwrite)
-
-    return _execute(
-        "extend",
-        config,
-        table,
-        config.shard_size,
-        open_store,
-        view.stage("extend", table.num_rows),
-        executor,
-        engine=engine,
-    )
+    return _transform("extend", config, source, read, out, view, overwrite, executor, engine=engine)
 
 
 def load_scorer(config: ScoreConfig) -> Any:
@@ -462,28 +469,15 @@ def score(
     executor: Executor | None = None,
 ) -> RunSummary:
     """A reward for every response of `source`, into `out`."""
-    table, upstream = load_input(source)
-    require_columns(table, source, ["responses"])
+    read = load_input(source)
+    require_columns(read[0], source, ["responses"])
     ShardStore(out).check_writable()
     spec = config.reward_model
     if spec != "judge" and not spec.startswith("judge:"):  # a bad name fails before any work
         from magpie.rewards.classifier import resolve_source
 
         resolve_source(spec)
-
-    def open_store(identity: dict[str, Any]) -> ShardStore:
-        extra = {**identity, "input": str(source)}
-        return _open_store(out, "score", config, extra, upstream, overwrite)
-
-    return _execute(
-        "score",
-        config,
-        table,
-        config.shard_size,
-        open_store,
-        view.stage("score", table.num_rows),
-        executor,
-    )
+    return _transform("score", config, source, read, out, view, overwrite, executor)
 
 
 @locking.releasing
@@ -496,21 +490,9 @@ def pairs(
     executor: Executor | None = None,
 ) -> RunSummary:
     """Chosen / rejected pairs of `source` into `out`; rows set aside are kept with a reason."""
-    table, upstream = load_input(source)
-    require_columns(table, source, ["responses", "rewards"])
-
-    def open_store(identity: dict[str, Any]) -> ShardStore:
-        return _open_store(out, "pairs", config, {"input": str(source)}, upstream, overwrite)
-
-    return _execute(
-        "pairs",
-        config,
-        table,
-        config.shard_size,
-        open_store,
-        view.stage("pairs", table.num_rows),
-        executor,
-    )
+    read = load_input(source)
+    require_columns(read[0], source, ["responses", "rewards"])
+    return _transform("pairs", config, source, read, out, view, overwrite, executor)
 
 
 @locking.releasing
@@ -532,22 +514,17 @@ def tag(
         table = _neighbor_columns(table, config, view)
     # The stage is built where it runs: its copy of the config carries the resolved mode, while
     # the output records the configuration as given (and the mode in `safety_on`).
-    stage_config = config.model_copy(update={"safety_on": safety_on})
-
-    def open_store(identity: dict[str, Any]) -> ShardStore:
-        extra = {"input": str(source), **identity}
-        if "safety" in config.tags:
-            extra["safety_on"] = safety_on
-        return _open_store(out, "tag", config, extra, upstream, overwrite)
-
-    return _execute(
+    return _transform(
         "tag",
-        stage_config,
-        table,
-        config.shard_size,
-        open_store,
-        view.stage("tag", table.num_rows),
+        config,
+        source,
+        (table, upstream),
+        out,
+        view,
+        overwrite,
         executor,
+        recorded={"safety_on": safety_on} if "safety" in config.tags else None,
+        stage_config=config.model_copy(update={"safety_on": safety_on}),
     )
 
 
