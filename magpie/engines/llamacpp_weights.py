@@ -136,9 +136,9 @@ def resolve_weights(path: Path, requested: str | None = None) -> Weights:
 
 
 STALE_COPY_SECONDS = 24 * 3600
-"""Older copies of the same file in the same type are removed when a new copy is made: a
-reinstall of the model's package gives the file a new mtime, so a new key (a fresh venv a day
-would otherwise add a copy a day)."""
+"""When a new copy is made, copies of the same file in the same type under other keys go once
+they are this old: reinstalling the model's package gives the file a new mtime and so a new
+key, and without this every fresh venv would leave one more copy behind."""
 
 
 def prune_stale_copies(target: Path, stem: str, kind: str) -> None:
