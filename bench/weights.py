@@ -3,7 +3,9 @@ as a Q8_0 copy on a CPU with AMX and as F16 elsewhere.
 
 For each type (the file as shipped, and copies made by `magpie.engines.llamacpp_weights`), a
 subprocess loads the model and times decode steps of 1, 32 and 64 sequences (one token each per
-step, every sequence in its own KV stream as our engine runs them), then prints tokens/s.
+step, every sequence in its own KV stream as our engine runs them), then prints tokens/s; and
+prompt evaluation (`--prompts SxT`: S sequences of T tokens in decodes of up to 512 tokens, as
+the judge reads its prompts; `--prompts ""` skips it).
 
     python bench/weights.py [--model M.gguf] [--kinds file,f16,q8_0] [--runtimes native,no-repack]
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,9 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def measure(path: str, batch: int, steps: int, threads: int, runtime: str) -> float:
-    """Decode tokens/s of `batch` sequences for `steps` steps (after 3 warm-up steps), with the
-    model loaded as llama.cpp runtime `runtime` loads it (`native`: repacked for AMX/AVX-512)."""
+def open_context(path: str, seqs: int, cells: int, threads: int, runtime: str) -> tuple:
+    """(model, context) as our engine opens them: `seqs` KV streams of `cells` cells each, flash
+    attention, the model loaded as llama.cpp runtime `runtime` loads it (`native`: repacked for
+    AMX/AVX-512)."""
     import llama_cpp as lib
 
     from magpie.engines.llamacpp_runtime import RUNTIMES, apply_model_params
@@ -37,13 +41,48 @@ def measure(path: str, batch: int, steps: int, threads: int, runtime: str) -> fl
     loading = lib.llama_cpp.llama_model_default_params()  # with the runtime's overrides
     model = lib.llama_model_load_from_file(path.encode(), loading)
     params = lib.llama_context_default_params()
-    params.n_seq_max = batch
-    params.n_ctx = batch * 256
-    params.n_batch = params.n_ubatch = max(512, batch)
+    params.n_seq_max = seqs
+    params.n_ctx = seqs * cells
+    params.n_batch = params.n_ubatch = max(512, seqs)
     params.kv_unified = False
     params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
     params.n_threads = params.n_threads_batch = threads
-    ctx = lib.llama_init_from_model(model, params)
+    return model, lib.llama_init_from_model(model, params)
+
+
+def measure_prompts(path: str, seqs: int, tokens: int, threads: int, runtime: str) -> float:
+    """Prompt tokens/s: `seqs` sequences of `tokens` tokens each, decoded in batches of up to 512
+    tokens (a sequence's tokens in order), the best of three rounds on an emptied cache."""
+    import llama_cpp as lib
+
+    model, ctx = open_context(path, seqs, (tokens + 255) // 256 * 256, threads, runtime)
+    decode_batch = lib.llama_batch_init(512, 0, 1)
+    order = [(seq, pos) for seq in range(seqs) for pos in range(tokens)]
+    best = float("inf")
+    for _ in range(3):
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        started = time.perf_counter()
+        for at in range(0, len(order), 512):
+            chunk = order[at : at + 512]
+            decode_batch.n_tokens = len(chunk)
+            for i, (seq, pos) in enumerate(chunk):
+                decode_batch.token[i] = 1000 + 7 * pos + seq
+                decode_batch.pos[i], decode_batch.n_seq_id[i] = pos, 1
+                decode_batch.seq_id[i][0], decode_batch.logits[i] = seq, pos == tokens - 1
+            if lib.llama_decode(ctx, decode_batch) != 0:
+                raise SystemExit("llama_decode failed")
+        best = min(best, time.perf_counter() - started)
+    lib.llama_batch_free(decode_batch)
+    lib.llama_free(ctx)
+    lib.llama_model_free(model)
+    return seqs * tokens / best
+
+
+def measure(path: str, batch: int, steps: int, threads: int, runtime: str) -> float:
+    """Decode tokens/s of `batch` sequences for `steps` steps (after 3 warm-up steps)."""
+    import llama_cpp as lib
+
+    model, ctx = open_context(path, batch, 256, threads, runtime)
     decode_batch = lib.llama_batch_init(batch, 0, 1)
 
     def step(pos: int) -> None:
@@ -79,12 +118,22 @@ def main() -> None:
         default="native",
         help="comma-separated: native (weights repacked for AMX/AVX-512 kernels), no-repack",
     )
+    parser.add_argument(
+        "--prompts", default="8x240", help='prompt evaluation: SEQUENCESxTOKENS ("" skips it)'
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         path, batch, runtime = args.child
-        print(json.dumps(measure(path, int(batch), args.steps, args.threads, runtime)))
+        if "x" in batch:  # a prompt column: SEQUENCESxTOKENS
+            seqs, tokens = (int(n) for n in batch.split("x"))
+            print(json.dumps(measure_prompts(path, seqs, tokens, args.threads, runtime)))
+        else:
+            print(json.dumps(measure(path, int(batch), args.steps, args.threads, runtime)))
         return
+    prompts = args.prompts.strip().lower()
+    if prompts and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", prompts):
+        raise SystemExit(f"--prompts {args.prompts!r}: write SEQUENCESxTOKENS, e.g. 8x240")
     from magpie.cpu import cpu_facts
     from magpie.engines.llamacpp import bundled_model_path
     from magpie.engines.llamacpp_weights import converted, resolve_weights
@@ -93,19 +142,20 @@ def main() -> None:
     cpu = cpu_facts()
     print(f"cpu: {cpu['model']} ({', '.join(cpu['flags'])}); threads {args.threads}")
     print(f"model: {source.name}; weights=auto chooses: {resolve_weights(source).reason}")
-    batches = [int(b) for b in args.batches.split(",")]
-    print(f"{'weights':<10}{'runtime':<11}" + "".join(f"{f'{b} seq tok/s':>16}" for b in batches))
+    columns = args.batches.split(",") + ([prompts] if prompts else [])
+    heads = [f"{c} prompt tok/s" if "x" in c else f"{c} seq tok/s" for c in columns]
+    print(f"{'weights':<10}{'runtime':<11}" + "".join(f"{h:>22}" for h in heads))
     for kind in args.kinds.split(","):
         path = source if kind == "file" else converted(source, kind)
         for runtime in args.runtimes.split(","):
             cells = []
-            for batch in batches:
-                cmd = [sys.executable, __file__, "--child", str(path), str(batch), runtime]
+            for batch in columns:
+                cmd = [sys.executable, __file__, "--child", str(path), batch, runtime]
                 cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 ok = done.returncode == 0 and done.stdout.strip()
                 cells.append(f"{json.loads(done.stdout):.1f}" if ok else f"exit {done.returncode}")
-            print(f"{kind:<10}{runtime:<11}" + "".join(f"{c:>16}" for c in cells))
+            print(f"{kind:<10}{runtime:<11}" + "".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":

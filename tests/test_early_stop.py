@@ -129,6 +129,25 @@ def test_an_aimed_block_holds_attempts_back_while_those_in_flight_may_suffice() 
     assert rule.enough and rule.counted == 5
 
 
+def test_an_attempt_finished_early_after_the_last_row_needed_is_not_counted() -> None:
+    """Attempt 2 finishes before attempt 1, which gives the last row needed: the rule stops at
+    attempt 1, as it does when they finish in order, so the block keeps the same attempts (the
+    schedule decides the order: it differed between blocks run ahead and alone on an AMD EPYC)."""
+    from magpie.engines.base import Completion
+    from magpie.stages.instructions import _EnoughRows
+
+    first = Completion("What is the boiling point of water?", "stop", 10, 9)
+    second = Completion("How do plants make their food?", "stop", 10, 7)
+    third = Completion("Name a prime number above 100.", "stop", 10, 8)
+    counts = []
+    for order in ((0, 1, 2), (0, 2, 1), (2, 0, 1)):
+        rule = _EnoughRows(stage_of(FakeEngine()), 2, set(), 3)
+        done = [rule(i, [(first, second, third)[i]]) for i in order]
+        assert done[-1] and rule.enough
+        counts.append(rule.counted)
+    assert counts == [2, 2, 2]
+
+
 def test_the_next_blocks_attempts_start_only_for_the_rows_a_block_cannot_give() -> None:
     """Spare attempts (indices past the block's 4) count every attempt as a row: none start
     while the block's own attempts could still give the rows; one per row they cannot."""

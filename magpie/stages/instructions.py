@@ -411,7 +411,10 @@ class _EnoughRows:
 
     def __call__(self, index: int, completions: list[Completion]) -> bool:
         self._finished[index] = completions[0]
-        while self._next in self._finished:
+        # stop counting at the attempt that gives the last row needed: an attempt after it may
+        # have finished first (the schedule decides), and counting it would make the block's
+        # output depend on the schedule
+        while self._rows < self._needed and self._next in self._finished:
             completion = self._finished.pop(self._next)
             self._next += 1
             text = self._stage.user_text(completion)
