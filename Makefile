@@ -19,7 +19,7 @@ $(VENV)/bin/activate:
 # A venv moved to a machine with another CPU gets a wheel built for that CPU.
 CPU_KEY := $(shell (grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-12)
 LLAMA_STAMP := $(VENV)/.llama-$(CPU_KEY)
-$(LLAMA_STAMP): $(VENV)/bin/activate scripts/llama-cpp-wheel.sh scripts/patch_llama_cpp.py scripts/fa_rows.cpp
+$(LLAMA_STAMP): $(VENV)/bin/activate scripts/llama-cpp-wheel.sh scripts/patch_llama_cpp.py scripts/fa_rows.cpp scripts/sgemm_few.cpp
 	bash scripts/llama-cpp-wheel.sh $(PY)
 	touch $@
 

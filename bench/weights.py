@@ -10,7 +10,14 @@ the judge reads its prompts; `--prompts ""` skips it).
     python bench/weights.py [--model M.gguf] [--kinds file,f16,q8_0] [--runtimes native,no-repack]
 
 `--runtimes` loads each model as those llama.cpp runtimes do (`no-repack`: no AMX, no repacked
-kernels), a row per (weights, runtime).
+kernels), a row per (weights, runtime). `--libs DIR,...` compares llama.cpp builds: each cell
+also runs with `LD_LIBRARY_PATH=DIR` (e.g. the `llama_cpp/lib` of another wheel, unzipped), a
+row per build (`installed`: the venv's own; `libs1`, `libs2`...: the folders in order); with
+`--rounds R` every cell is the median of R runs, the builds alternating, so a machine's drift
+falls on all of them alike.
+
+    python bench/weights.py --kinds f16 --batches 2,4,8,16,32 --prompts "" \
+        --libs /tmp/old/llama_cpp/lib --rounds 5
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -121,6 +129,8 @@ def main() -> None:
     parser.add_argument(
         "--prompts", default="8x240", help='prompt evaluation: SEQUENCESxTOKENS ("" skips it)'
     )
+    parser.add_argument("--libs", default="", help="other builds' library folders to compare")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per cell (the median)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -144,18 +154,45 @@ def main() -> None:
     print(f"model: {source.name}; weights=auto chooses: {resolve_weights(source).reason}")
     columns = args.batches.split(",") + ([prompts] if prompts else [])
     heads = [f"{c} prompt tok/s" if "x" in c else f"{c} seq tok/s" for c in columns]
-    print(f"{'weights':<10}{'runtime':<11}" + "".join(f"{h:>22}" for h in heads))
+    libs = [""] + [lib for lib in args.libs.split(",") if lib]
+    label = f"{'build':<10}" if len(libs) > 1 else ""
+    print(f"{label}{'weights':<10}{'runtime':<11}" + "".join(f"{h:>22}" for h in heads))
     for kind in args.kinds.split(","):
         path = source if kind == "file" else converted(source, kind)
         for runtime in args.runtimes.split(","):
-            cells = []
+            cells: dict[str, list[str]] = {lib: [] for lib in libs}
             for batch in columns:
-                cmd = [sys.executable, __file__, "--child", str(path), batch, runtime]
-                cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                ok = done.returncode == 0 and done.stdout.strip()
-                cells.append(f"{json.loads(done.stdout):.1f}" if ok else f"exit {done.returncode}")
-            print(f"{kind:<10}{runtime:<11}" + "".join(f"{c:>22}" for c in cells))
+                runs: dict[str, list[float]] = {lib: [] for lib in libs}
+                failed: dict[str, int] = {}
+                for _ in range(max(1, args.rounds)):
+                    for lib in libs:
+                        code, speed = run_child(path, batch, runtime, args, lib)
+                        if speed is None:
+                            failed[lib] = code
+                        else:
+                            runs[lib].append(speed)
+                for lib in libs:
+                    ok = lib not in failed
+                    median = f"{statistics.median(runs[lib]):.1f}" if ok else ""
+                    cells[lib].append(median if ok else f"exit {failed[lib]}")
+            for number, lib in enumerate(libs):
+                name = f"{'installed' if not lib else f'libs{number}':<10}" if label else ""
+                print(f"{name}{kind:<10}{runtime:<11}" + "".join(f"{c:>22}" for c in cells[lib]))
+    for number, lib in enumerate(libs[1:], start=1):
+        print(f"libs{number}: {lib}")
+
+
+def run_child(
+    path: Path, column: str, runtime: str, args: argparse.Namespace, lib: str
+) -> tuple[int, float | None]:
+    """One cell in a subprocess (with `lib` first on the library path when set): its exit code
+    and tokens/s (None when it failed)."""
+    cmd = [sys.executable, __file__, "--child", str(path), column, runtime]
+    cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
+    env = dict(os.environ, LD_LIBRARY_PATH=lib) if lib else None
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    ok = done.returncode == 0 and done.stdout.strip()
+    return done.returncode, float(json.loads(done.stdout)) if ok else None
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install llama-cpp-python into the venv of python "$1", built natively for this CPU with our
-# patches (scripts/patch_llama_cpp.py: the AMX fix, flash attention by blocks), from a wheel
-# cached per (version, CPU flags, compiler, patches): a wheel built with -march=native on one CPU
-# is never installed on another, nor one built before the patches changed.
+# patches (scripts/patch_llama_cpp.py: the AMX fix, flash attention by blocks, F16 products of a
+# few sequences on AVX2), from a wheel cached per (version, CPU flags, compiler, patches): a wheel
+# built with -march=native on one CPU is never installed on another, nor one built before the
+# patches changed.
 set -euo pipefail
 PY=${1:?usage: llama-cpp-wheel.sh PYTHON}
 VERSION=${LLAMA_CPP_VERSION:-0.3.36}
@@ -16,7 +17,7 @@ if grep -m1 -E '^flags' /proc/cpuinfo 2>/dev/null | grep -qw avx512_fp16 \
   && echo | cc -mno-avx512fp16 -E - >/dev/null 2>&1; then
   extra="-DCMAKE_C_FLAGS=-mno-avx512fp16 -DCMAKE_CXX_FLAGS=-mno-avx512fp16"
 fi
-cpu=$( (grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m; cc --version 2>/dev/null | head -1; if [ -n "$extra" ]; then echo "$extra"; fi; cat "$here/patch_llama_cpp.py" "$here/fa_rows.cpp") | sha256sum | cut -c1-12)
+cpu=$( (grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null || uname -m; cc --version 2>/dev/null | head -1; if [ -n "$extra" ]; then echo "$extra"; fi; cat "$here/patch_llama_cpp.py" "$here/fa_rows.cpp" "$here/sgemm_few.cpp") | sha256sum | cut -c1-12)
 wheels=${MAGPIE_CACHE_DIR:-$HOME/.cache/magpie}/wheels/llama-cpp-python-$VERSION-$cpu
 if ! ls "$wheels"/*.whl >/dev/null 2>&1; then
   tmp=$(mktemp -d)

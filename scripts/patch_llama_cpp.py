@@ -12,10 +12,14 @@
    share a KV head are computed together (each key and value row read once for all of them, with
    the rows fetched ahead), and the rows after the first are taken from that group's results. At
    the CPU demo's contexts llama.cpp's kernel took about half of the decode time.
+3. F16 matrix products on AVX2 (not AVX-512), the weights `weights=auto` runs there: decode
+   steps of 2-4 sequences go to `scripts/sgemm_few.cpp` (rows walked once for all columns, the
+   next rows fetched ahead); tinyBLAS keeps every other product, unchanged. Each element is
+   computed as tinyBLAS computes it, so logits are the same bit for bit.
 
 Each patch is applied only where the code it expects is found; otherwise the build goes on
 without it and says so. The package's version gets a local label naming the patches applied
-(`0.3.36+magpie.amx.fa`), so a manifest says which kernels made a dataset.
+(`0.3.36+magpie.amx.fa.mm`), so a manifest says which kernels made a dataset.
 """
 
 from __future__ import annotations
@@ -62,6 +66,22 @@ FA_LOOP_END = """\
 """
 FA_MARK = "magpie_fa_row_f16(magpie_groups"
 
+MM_TARGET = CPU / "llamafile/sgemm.cpp"
+MM_SOURCE = HERE / "sgemm_few.cpp"
+MM_ENTRY = "\nbool llamafile_sgemm("
+MM_F16_AVX2 = """\
+#elif (defined(__AVX__) || defined(__AVX2__)) && defined(__F16C__)
+        if (Btype == GGML_TYPE_F16) {
+"""
+MM_FEW_CALL = """\
+#ifdef MAGPIE_FEW_COLUMNS
+            if (magpie_sgemm_f16_few(params, m, n, k, (const ggml_fp16_t *)A, lda,
+                                     (const ggml_fp16_t *)B, ldb, (float *)C, ldc))
+                return true;
+#endif
+"""
+MM_MARK = "magpie_sgemm_f16_few(params"
+
 VERSION_FILE = Path("llama_cpp/__init__.py")
 
 
@@ -102,6 +122,19 @@ def patch_flash_attention(tree: Path) -> str:
     return "patched"
 
 
+def patch_f16_matmul(tree: Path) -> str:
+    path = tree / MM_TARGET
+    text = path.read_text()
+    if MM_MARK in text:
+        return "already patched"
+    if any(text.count(anchor) != 1 for anchor in (MM_ENTRY, MM_F16_AVX2)):
+        return "not patched: llamafile_sgemm changed (tinyBLAS computes every F16 product)"
+    text = text.replace(MM_F16_AVX2, MM_F16_AVX2 + MM_FEW_CALL)
+    text = text.replace(MM_ENTRY, "\n" + MM_SOURCE.read_text() + MM_ENTRY)
+    path.write_text(text)
+    return "patched"
+
+
 def label_version(tree: Path, labels: list[str]) -> str:
     """Add `+magpie.<labels>` to the package's `__version__` (the wheel's version comes from it)."""
     path = tree / VERSION_FILE
@@ -116,8 +149,13 @@ def label_version(tree: Path, labels: list[str]) -> str:
 
 if __name__ == "__main__":
     tree = Path(sys.argv[1])
-    results = {"amx": patch_amx(tree), "fa": patch_flash_attention(tree)}
+    results = {
+        "amx": patch_amx(tree),
+        "fa": patch_flash_attention(tree),
+        "mm": patch_f16_matmul(tree),
+    }
     print(f"AMX tile-config fix: {results['amx']}")
     print(f"flash attention by blocks: {results['fa']}")
+    print(f"F16 matrix products on AVX2: {results['mm']}")
     applied = [name for name, result in results.items() if result == "patched"]
     print(f"version: {label_version(tree, applied)}")

@@ -66,6 +66,25 @@ def test_bench_script_runs_at_its_smallest_size(script: str) -> None:
         assert "exit" not in done.stdout, done.stdout[-3000:]
 
 
+def test_weights_compares_builds_by_their_library_folders() -> None:
+    """`--libs` runs each cell again with another build's libraries first on the path (here the
+    installed build's own folder, so both rows must succeed), a row per build."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    libs = Path(llama_cpp.__file__).parent / "lib"
+    args = ["--kinds", "file", "--batches", "2", "--steps", "2", "--prompts", ""]
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "weights.py"), *args, "--libs", str(libs), "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines()]
+    builds = {row[0] for row in rows if len(row) == 4 and row[2] == "native"}
+    assert builds == {"installed", "libs1"}, done.stdout
+    assert f"libs1: {libs}" in done.stdout and "exit" not in done.stdout, done.stdout
+
+
 def test_vs_distilabel_runs_or_says_why_not() -> None:
     """Without distilabel installed it skips with a one-line reason (it installs nothing)."""
     done = subprocess.run(

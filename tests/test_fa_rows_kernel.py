@@ -177,9 +177,11 @@ def test_fa_rows_kernel_matches_double_precision_and_grouping_changes_no_bit(
 
 def test_installed_llama_cpp_carries_our_patches() -> None:
     """`scripts/llama-cpp-wheel.sh` labels the version with the patches it applied; a silent
-    miss (llama.cpp's code moved) would leave the slow attention kernel in place."""
+    miss (llama.cpp's code moved) would leave the slow attention kernel (`fa`) or the slow F16
+    products of a few sequences (`mm`) in place."""
     llama_cpp = pytest.importorskip("llama_cpp")
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "f16c"} <= cpu_flags():
         pytest.skip("the attention patch is for x86 CPUs with AVX2")
     local = llama_cpp.__version__.partition("+")[2]
-    assert local.startswith("magpie.") and "fa" in local.split("."), llama_cpp.__version__
+    labels = local.split(".")
+    assert local.startswith("magpie.") and {"fa", "mm"} <= set(labels), llama_cpp.__version__
