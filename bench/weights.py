@@ -172,9 +172,8 @@ def main() -> None:
                         else:
                             runs[lib].append(speed)
                 for lib in libs:
-                    ok = lib not in failed
-                    median = f"{statistics.median(runs[lib]):.1f}" if ok else ""
-                    cells[lib].append(median if ok else f"exit {failed[lib]}")
+                    median = f"{statistics.median(runs[lib]):.1f}" if runs[lib] else ""
+                    cells[lib].append(f"exit {failed[lib]}" if lib in failed else median)
             for number, lib in enumerate(libs):
                 name = f"{'installed' if not lib else f'libs{number}':<10}" if label else ""
                 print(f"{name}{kind:<10}{runtime:<11}" + "".join(f"{c:>22}" for c in cells[lib]))

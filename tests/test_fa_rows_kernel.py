@@ -145,31 +145,28 @@ def cpu_flags() -> set[str]:
     return set(match.group(1).split()) if match else set()
 
 
+def build_harness(tmp_path: Path, source: str, needed: set[str], flags: list[str]) -> Path:
+    """Compile a C++ harness that includes a kernel of `scripts/` with `flags`; skip the test
+    without an x86 C++ compiler or on a CPU lacking the `needed` flags."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs an x86 C++ compiler")
+    if not needed <= cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needed - cpu_flags())}")
+    (tmp_path / "harness.cpp").write_text(source)
+    binary = tmp_path / "harness"
+    cmd = [compiler, *flags, f"-I{KERNEL.parent}", "-o", str(binary), str(tmp_path / "harness.cpp")]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    return binary
+
+
 @pytest.mark.parametrize("lanes", sorted(VARIANTS))
 def test_fa_rows_kernel_matches_double_precision_and_grouping_changes_no_bit(
     tmp_path: Path, lanes: int
 ) -> None:
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("needs an x86 C++ compiler")
     needed = {"avx2", "fma", "f16c"} | ({"avx512f", "avx512dq"} if lanes == 16 else set())
-    if not needed <= cpu_flags():
-        pytest.skip(f"this CPU lacks {sorted(needed - cpu_flags())}")
-    (tmp_path / "harness.cpp").write_text(HARNESS)
-    binary = tmp_path / "harness"
-    subprocess.run(
-        [
-            compiler,
-            "-O2",
-            *VARIANTS[lanes],
-            f"-I{KERNEL.parent}",
-            "-o",
-            str(binary),
-            str(tmp_path / "harness.cpp"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    binary = build_harness(tmp_path, HARNESS, needed, ["-O2", *VARIANTS[lanes]])
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert f"lanes {lanes}" in run.stdout
     assert run.returncode == 0, run.stdout

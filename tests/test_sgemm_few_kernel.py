@@ -5,16 +5,10 @@ precision; shapes it does not serve are left to tinyBLAS."""
 
 from __future__ import annotations
 
-import platform
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from tests.test_fa_rows_kernel import cpu_flags
-
-KERNEL = Path(__file__).resolve().parents[1] / "scripts" / "sgemm_few.cpp"
+from tests.test_fa_rows_kernel import build_harness
 
 HARNESS = r"""
 #include <immintrin.h>
@@ -126,33 +120,8 @@ int main() {
 def test_few_column_kernel_is_tinyblas_bit_for_bit_on_one_and_two_threads(
     tmp_path: Path,
 ) -> None:
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("needs an x86 C++ compiler")
-    needed = {"avx2", "fma", "f16c"}
-    if not needed <= cpu_flags():
-        pytest.skip(f"this CPU lacks {sorted(needed - cpu_flags())}")
-    (tmp_path / "harness.cpp").write_text(HARNESS)
-    binary = tmp_path / "harness"
-    build = subprocess.run(
-        [
-            compiler,
-            "-std=c++20",
-            "-O2",
-            "-mavx2",
-            "-mfma",
-            "-mf16c",
-            "-ffp-contract=off",
-            "-pthread",
-            f"-I{KERNEL.parent}",
-            "-o",
-            str(binary),
-            str(tmp_path / "harness.cpp"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert build.returncode == 0, build.stderr[-2000:]
+    flags = ["-std=c++20", "-O2", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-pthread"]
+    binary = build_harness(tmp_path, HARNESS, {"avx2", "fma", "f16c"}, flags)
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert "checked 18360 differing 0" in run.stdout, run.stdout
     assert run.returncode == 0, run.stdout
